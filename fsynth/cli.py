@@ -1,0 +1,21 @@
+"""What every fsynth command shares: bad input becomes one line on stderr and exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from fsynth.errors import FsynthError
+
+
+def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run a CLI `main`; a `FsynthError` prints `error: <message>` and returns 2."""
+    try:
+        return main(argv) or 0
+    except FsynthError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; what was written so far is kept, run the same command to continue",
+              file=sys.stderr)
+        return 130

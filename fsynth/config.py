@@ -1,0 +1,385 @@
+"""Experiment configuration: frozen dataclasses, a strict YAML loader, `--set a.b=v` overrides and named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fsynth.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The real data: which dataset, where it lives, and how the few shots and validation set are drawn."""
+
+    dataset: str = "fashion-mnist"
+    root: str = ""  # "" = the dataset's default location (e.g. Debian's Fashion-MNIST copy)
+    shots: int = 16
+    seed: int = 1  # few-shot sampling seed
+    split_seed: int = 0  # seed of the deterministic train/val/test split used when no split file exists
+    val_fraction: float = 0.2  # share of the train pool held out as validation when the dataset has no val split
+    val_per_class: int = 0  # 0 = the whole validation split; > 0 caps it per class (deterministic)
+    download: bool = False
+
+    def __post_init__(self) -> None:
+        if self.shots <= 0:
+            raise ConfigError(f"data.shots must be at least 1, got {self.shots}; ask for 1, 2, 4, 8 or 16 shots")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must lie in (0, 1), got {self.val_fraction}")
+        if self.val_per_class < 0:
+            raise ConfigError(f"data.val_per_class must be 0 (all) or positive, got {self.val_per_class}")
+
+
+@dataclass(frozen=True)
+class GeneratorFinetuneConfig:
+    """DataDream-style fine-tuning of the generator on the real shots (full variant)."""
+
+    enabled: bool = False
+    scope: Literal["per_class", "per_dataset"] = "per_dataset"
+    lora_rank: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    warmup_steps: int = 100
+    batch_size: int = 8
+    epochs: int = 200
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Which generator makes the synthetic set, and how."""
+
+    backend: Literal["sd", "ddpm"] = "sd"
+    model: str = "stabilityai/stable-diffusion-2-1-base"  # hub id or local directory
+    images_per_class: int = 500
+    guidance_scale: float = 2.0
+    steps: int = 50
+    resolution: int = 512
+    negative_prompt: str = ""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    scheduler: str = ""  # "" keeps the pipeline's own scheduler
+    base_seed: int = 0
+    lora_path: str = ""
+    lora_scale: float = 1.0
+    finetune: GeneratorFinetuneConfig = field(default_factory=GeneratorFinetuneConfig)
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """The regions Z_1..Z_K: static k-means before training, online MacQueen updates, or a single region."""
+
+    mode: Literal["static", "online", "single"] = "static"
+    features: Literal["embedding", "pixels"] = "embedding"
+    cluster_multiple: float = 2.0  # K = round(cluster_multiple * num_classes)
+    iterations: int = 300
+    pixel_side: int = 32  # side of the resized image for `pixels` features
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on the transformer blocks of the encoder."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.1
+    targets: tuple[str, ...] = ("attention", "mlp")
+    towers: tuple[str, ...] = ("vision", "text")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The classifier: an open_clip backbone, its LoRA adapters and its head."""
+
+    arch: str = "ViT-B-16-quickgelu"
+    pretrained: str = "openai"  # open_clip pretrained tag, a local weights file, or "" for random weights
+    head: Literal["zeroshot", "prototype"] = "zeroshot"
+    image_size: int = 224
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Eq. 7 of the paper: lambda*CE(real) + CE(synth) + lambda1*discrepancy + lambda2*robustness."""
+
+    preset: Literal["paper", "protoaug"] = "protoaug"
+    ce_real_weight: float = 4.0
+    ce_synth_weight: float = 1.0
+    lambda_discrepancy: float = 0.1
+    lambda_robustness: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The single training loop's recipe (reference defaults of the full variant)."""
+
+    use_real: bool = True
+    use_synthetic: bool = True
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 5e-4
+    min_lr: float = 1e-8
+    mixed_precision: bool = True
+    mix_prob: float = 0.2  # CutMix/MixUp probability per batch, within each domain
+    real_oversample: bool = True  # repeat the real shots to about one real per synthetic image
+    augment: Literal["datadream", "none"] = "datadream"
+    seed: int = 0
+    loader_workers: int = 0
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """What one trial and one generator actor ask of the cluster."""
+
+    num_workers: int = 1
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0.0
+    generator_actors: int = 1
+    gpus_per_generator_actor: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where runs and artefacts go."""
+
+    storage: str = ""  # "" = ./runs resolved to an absolute path; or s3://...
+    uri: str = ""  # "" = sqlite:///<storage>/mlflow.db
+    experiment: str = "fsynth"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that determines one run."""
+
+    name: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ----------------------------------------------------------------------------------------------- strict loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the field type `tp`; return it in canonical form (tuples for lists, floats)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)):
+            item_tp = typing.get_args(tp)[0]
+            return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    elif origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}; fix the value")
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types."""
+    where = prefix or "the top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{where}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}'; valid keys in {where}: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> ExperimentConfig:
+    """Build an `ExperimentConfig` from a nested mapping (missing keys keep their defaults)."""
+    return _build(ExperimentConfig, data)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The nested mapping of a config, with tuples as lists, ready for YAML or JSON."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = config_to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def flatten_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Dotted keys to leaf values, e.g. {'training.lr': 1e-4, ...}; what trackers log as params."""
+
+    def walk(d: dict, prefix: str) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for key, value in d.items():
+            dotted = f"{prefix}{key}"
+            flat.update(walk(value, dotted + ".") if isinstance(value, dict) else {dotted: value})
+        return flat
+
+    return walk(config_to_dict(cfg), "")
+
+
+def valid_keys() -> list[str]:
+    """Every dotted leaf key the configuration has."""
+    return sorted(flatten_config(ExperimentConfig()))
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Deep-merge `update` into a copy of `base` (mappings merge, everything else replaces)."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# ------------------------------------------------------------------------------------------- files and overrides
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file") from None
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        at = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{at}; fix its syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def available_presets() -> list[str]:
+    """Names of the presets shipped with fsynth."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict:
+    """The override mapping of the named preset (`full`, `lightweight`, `embedded`, ...)."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset '{name}'; valid presets: {', '.join(available_presets())}")
+    return _read_yaml(path)
+
+
+def parse_override(text: str) -> dict:
+    """`a.b=value` -> {'a': {'b': value}}; the value is read as YAML (so `true`, `3`, `[a, b]` work)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form key=value, e.g. training.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return _nest(key, value)
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    """'a.b', v -> {'a': {'b': v}}."""
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return value
+
+
+def build_config(
+    preset: str | None = None,
+    files: typing.Sequence[str | Path] = (),
+    overrides: typing.Sequence[str] = (),
+    extra: dict | None = None,
+) -> ExperimentConfig:
+    """Resolve a config: defaults <- preset <- YAML files <- `extra` (CLI flags) <- `--set` overrides."""
+    data: dict = {}
+    if preset:
+        data = merge(data, load_preset(preset))
+        data.setdefault("name", preset)
+    for path in files:
+        data = merge(data, _read_yaml(Path(path)))
+    if extra:
+        data = merge(data, extra)
+    for text in overrides:
+        data = merge(data, parse_override(text))
+    return config_from_dict(data)
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML; `load_config` reads it back to an equal object."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read a config YAML (a saved resolved config, or any partial one) strictly."""
+    return config_from_dict(_read_yaml(Path(path)))
+
+
+def with_values(cfg: ExperimentConfig, values: dict[str, Any]) -> ExperimentConfig:
+    """A copy of `cfg` with dotted keys replaced, checked like a file: with_values(cfg, {'training.lr': 1e-5})."""
+    data = config_to_dict(cfg)
+    for key, value in values.items():
+        data = merge(data, _nest(key, value))
+    return config_from_dict(data)
