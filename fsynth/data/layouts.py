@@ -21,7 +21,9 @@ def image_files(folder: Path) -> list[Path]:
 
 def class_folders(folder: Path, ignore: tuple[str, ...] = ()) -> list[str]:
     """Sorted names of the sub-folders of `folder` (hidden and ignored ones skipped): the label order."""
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in ignore)
+    return sorted(
+        p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in ignore
+    )
 
 
 def scan_class_folders(name: str, image_dir: Path, classes: list[str]) -> list[Sample]:
@@ -45,12 +47,13 @@ def read_lines(path: Path, what: str) -> list[str]:
 def load_mat(path: Path) -> dict:
     """A MATLAB file's variables (scipy.io), with a one-line error when it is missing or unreadable."""
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
     if not path.is_file():
         raise DataError(f"label file {path} is missing; the dataset root is incomplete: re-extract the dataset")
     try:
         return loadmat(str(path), squeeze_me=True)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, MatReadError) as exc:
         raise DataError(f"label file {path} cannot be read ({exc}); replace it with the original") from None
 
 
@@ -128,7 +131,7 @@ def scan_cars(name: str, ddir: Path, image_dir: Path) -> Parts:
     ):
         annos = load_mat(mat)["annotations"]
         samples = []
-        for fname, cls in zip(annos["fname"], annos["class"]):
+        for fname, cls in zip(annos["fname"], annos["class"], strict=True):
             f = image_dir / folder / str(fname)
             samples.append(Sample(relative_id(name, f, image_dir), int(cls) - 1, str(f)))
         parts[split] = samples
@@ -173,9 +176,6 @@ def scan_flowers102(name: str, ddir: Path, image_dir: Path) -> Parts:
         split: [sample(int(i)) for i in setid[key]]
         for split, key in (("train", "trnid"), ("val", "valid"), ("test", "tstid"))
     }
-
-
-FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def fashion_file(ddir: Path, stem: str) -> Path:

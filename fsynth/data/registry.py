@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from fsynth.data import layouts
@@ -50,7 +50,7 @@ class DatasetSpec:
         return _classname_file(self.name)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _classname_file(name: str) -> tuple[str, ...]:
     return tuple((CLASSNAME_DIR / f"{name}.txt").read_text(encoding="utf-8").splitlines())
 

@@ -56,7 +56,9 @@ def read_split_file(path: Path, image_dir: Path, dataset: str, num_classes: int)
     return out
 
 
-def split_per_class(samples: list[Sample], seed: int, fractions: dict[str, float]) -> dict[str, list[Sample]]:
+def split_per_class(
+    samples: list[Sample], seed: int, fractions: dict[str, float], purpose: int = 0
+) -> dict[str, list[Sample]]:
     """Deterministic per-class split of `samples` into the named parts; every part gets at least one per class."""
     out: dict[str, list[Sample]] = {name: [] for name in fractions}
     names = list(fractions)
@@ -66,14 +68,14 @@ def split_per_class(samples: list[Sample], seed: int, fractions: dict[str, float
                 f"class {label} has {len(group)} images, fewer than the {len(names)} parts of the split "
                 f"({', '.join(names)}); add images to that class"
             )
-        order = class_rng(seed, label, purpose=0).permutation(len(group))
+        order = class_rng(seed, label, purpose).permutation(len(group))
         counts = [max(1, round(len(group) * fractions[n])) for n in names[1:]]
         first = len(group) - sum(counts)
         if first < 1:
             counts[-1] -= 1 - first
             first = 1
         start = 0
-        for name, count in zip(names, [first, *counts]):
+        for name, count in zip(names, [first, *counts], strict=True):
             out[name].extend(group[i] for i in order[start : start + count])
             start += count
     return out
@@ -82,22 +84,25 @@ def split_per_class(samples: list[Sample], seed: int, fractions: dict[str, float
 def complete_splits(
     parts: dict[str, list[Sample]], seed: int, val_fraction: float
 ) -> tuple[dict[str, list[Sample]], str]:
-    """Turn what a loader found into train/val/test, and say how.
+    """Turn what a loader found into train/val/test, and say how (the provenance recorded in the manifest).
 
-    `parts` has keys {all}, {train, test} or {train, val, test}: an unsplit pool gets CoOp's 50/20/30 split, a
-    train/test pair gets `val_fraction` of train held out as validation (never overlapping the shots, which are
-    drawn from what remains of train).
+    `parts` is {all} or has `train` with optional `val` and `test`. An unsplit pool gets CoOp's 50/20/30 split
+    per class; a missing test set is 30% of train held out, a missing val set `val_fraction` of train held out,
+    so validation never overlaps the shots, which are drawn from what remains of train.
     """
-    keys = set(parts)
-    if keys == set(SPLITS):
-        return dict(parts), "official train/val/test split"
-    if keys == {"train", "test"}:
-        held = split_per_class(parts["train"], seed, {"train": 1 - val_fraction, "val": val_fraction})
-        source = f"official train/test; val = {val_fraction:g} of train per class (seed {seed})"
-        return {"train": held["train"], "val": held["val"], "test": parts["test"]}, source
-    if keys == {"all"}:
+    if set(parts) == {"all"}:
         source = "seeded split per class (seed {}; train/val/test {:g}/{:g}/{:g})".format(
             seed, *SPLIT_FRACTIONS.values()
         )
         return split_per_class(parts["all"], seed, SPLIT_FRACTIONS), source
-    raise ValueError(f"loader returned parts {sorted(keys)}")
+    if "train" not in parts or not set(parts) <= set(SPLITS):
+        raise ValueError(f"loader returned parts {sorted(parts)}")
+    out, notes = dict(parts), []
+    for split, fraction, purpose in (("test", SPLIT_FRACTIONS["test"], 3), ("val", val_fraction, 4)):
+        if split not in out:
+            held = split_per_class(out["train"], seed, {"train": 1 - fraction, split: fraction}, purpose)
+            out["train"], out[split] = held["train"], held[split]
+            notes.append(f"{split} = {fraction:g} of train per class")
+    official = "/".join(k for k in SPLITS if k in parts)
+    source = f"official {official} split" + (f"; {'; '.join(notes)} (seed {seed})" if notes else "")
+    return out, source

@@ -1,0 +1,23 @@
+"""Shared test setup: offline hubs, the `gpu` marker's skip, and the fake data roots."""
+
+import os
+
+import pytest
+
+# Without this every hub call hangs ~46 s before it fails on a machine with no network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

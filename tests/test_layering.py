@@ -1,0 +1,64 @@
+"""The maths stays pure: every pure module imports with `ray` and `mlflow` blocked."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import fsynth
+
+PACKAGE = Path(fsynth.__file__).parent
+# Orchestration modules (Ray, MLflow, their CLIs) are the only ones allowed to import ray or mlflow.
+ORCHESTRATION = {"fsynth.tune", "fsynth.tracking", "fsynth.generate_job", "fsynth.train_job", "fsynth.cluster"}
+
+
+def pure_modules() -> list[str]:
+    names = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if parts[-1] != "__main__" and not any(name == o or name.startswith(o + ".") for o in ORCHESTRATION):
+            names.append(name)
+    return names
+
+
+def test_pure_modules_found():
+    names = pure_modules()
+    assert {"fsynth.config", "fsynth.data.registry", "fsynth.data.fewshot", "fsynth.prompts"} <= set(names)
+
+
+def test_pure_modules_import_without_ray_or_mlflow():
+    script = textwrap.dedent(
+        f"""
+        import importlib, importlib.abc, sys
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("ray", "mlflow"):
+                    raise ImportError(f"blocked import of {{name}}")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        for name in {pure_modules()!r}:
+            importlib.import_module(name)
+        leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("ray", "mlflow"))
+        assert not leaked, leaked
+        print("ok", len({pure_modules()!r}))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("ok")
+
+
+def test_blocker_really_blocks():
+    script = (
+        "import importlib.abc, sys\n"
+        "class B(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'ray': raise ImportError('blocked')\n"
+        "sys.meta_path.insert(0, B())\n"
+        "import ray\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "blocked" in result.stderr
