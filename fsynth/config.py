@@ -190,7 +190,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the field type `tp`; return it in canonical form (tuples for lists, floats)."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
+        return build_dataclass(tp, value, key)
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
@@ -227,7 +227,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}; fix the value")
 
 
-def _build(cls: type, data: Any, prefix: str = "") -> Any:
+def build_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
     """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types."""
     where = prefix or "the top level"
     if not isinstance(data, dict):
@@ -245,7 +245,7 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
 
 def config_from_dict(data: dict) -> ExperimentConfig:
     """Build an `ExperimentConfig` from a nested mapping (missing keys keep their defaults)."""
-    return _build(ExperimentConfig, data)
+    return build_dataclass(ExperimentConfig, data)
 
 
 def config_to_dict(cfg: Any) -> dict:
