@@ -1,0 +1,245 @@
+"""The one training loop, `fit`: every runner (CLI, Ray Train, Tune, tests) passes its own `report` callable."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsynth import checkpoints
+from fsynth.augment import build_eval_transform, build_train_transform, mix_within_domains
+from fsynth.config import ExperimentConfig
+from fsynth.evaluate import EvalResult, evaluate
+from fsynth.loss import LossOutput, regularized_loss, synthetic_only_loss
+from fsynth.partition import OnlinePartitioner, num_regions
+from fsynth.trainset import ImageSet, TrainData, make_loader, real_repeats, training_items
+
+Report = Callable[[dict, "str | None"], None]
+PARTS = ("ce_real", "ce_synth", "discrepancy", "robustness")
+
+
+@dataclass
+class LoopHooks:
+    """Where a distributed runner plugs in (Ray Train's prepare_model / prepare_data_loader); identity here."""
+
+    prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m
+    prepare_loader: Callable = lambda loader: loader
+    is_chief: bool = True  # only the chief writes checkpoints
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val_accuracy: float
+    val: EvalResult | None
+    test: EvalResult | None
+    history: list[dict] = field(default_factory=list)
+    checkpoint: str | None = None
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def amp_dtype(cfg: ExperimentConfig, device: torch.device) -> torch.dtype | None:
+    """Mixed precision on GPU only (bf16 where supported, else fp16 with a grad scaler); full precision on CPU."""
+    if device.type != "cuda" or not cfg.training.mixed_precision:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch: augmentations, dropout, mixing and order replay exactly when resuming there."""
+    return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
+
+
+def compute_loss(cfg: ExperimentConfig, data: TrainData, logits: torch.Tensor, targets: torch.Tensor,
+                 synthetic: torch.Tensor, regions: torch.Tensor, lambdas: tuple[float, float] | None = None
+                 ) -> LossOutput:
+    """The configured loss for one batch: eq. 7, or its synthetic-only variant when no real data is used."""
+    lam_d, lam_r = lambdas if lambdas is not None else (cfg.loss.lambda_discrepancy, cfg.loss.lambda_robustness)
+    common = dict(num_classes=data.num_classes, ce_synth_weight=cfg.loss.ce_synth_weight,
+                  lambda_robustness=lam_r, preset=cfg.loss.preset,
+                  synthetic_per_class=data.synthetic_per_class or None)
+    if not cfg.training.use_real:
+        return synthetic_only_loss(logits, targets, regions, **common)
+    return regularized_loss(logits, targets, synthetic, regions, ce_real_weight=cfg.loss.ce_real_weight,
+                            lambda_discrepancy=lam_d, **common)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides the model: progress, the best model so far and the history."""
+
+    epoch: int = -1  # last finished epoch
+    step: int = 0
+    best_epoch: int = -1
+    best_val_accuracy: float = -math.inf
+    best_adapters: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+
+def _train_epoch(cfg, data, model, loader, optimizer, scheduler, scaler, dtype, partitioner, device, gen) -> dict:
+    """One pass over the epoch's items; returns the mean loss parts and the training accuracy."""
+    model.train()
+    sums = {k: 0.0 for k in ("loss", *PARTS)}
+    correct = seen = 0
+    amp = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    for batch in loader:
+        images, labels = batch["image"].to(device), batch["label"].to(device)
+        synthetic, regions = batch["synthetic"].to(device), batch["region"].to(device)
+        if partitioner is not None:  # online regions: assign with the current centroids, then update them
+            with torch.no_grad():
+                feats = model.encode(images).float()
+            regions = partitioner.assign(feats)
+            partitioner.update(feats[synthetic], regions[synthetic])
+        targets = F.one_hot(labels, data.num_classes).float()
+        images, targets = mix_within_domains(images, targets, synthetic.cpu(), cfg.training.mix_prob, gen)
+        with amp:
+            logits = model(images)
+        out = compute_loss(cfg, data, logits.float(), targets, synthetic, regions)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(out.total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        n = len(labels)
+        sums["loss"] += float(out.total.detach()) * n
+        for k in PARTS:
+            sums[k] += float(out.parts[k].detach()) * n
+        correct += int((logits.argmax(1) == targets.argmax(1)).sum())
+        seen += n
+    metrics = {f"train/{k}": v / max(seen, 1) for k, v in sums.items()}
+    metrics["train/accuracy"] = correct / max(seen, 1)
+    return metrics
+
+
+@torch.no_grad()
+def measure_regularisers(cfg, data, model, dataset, device, dtype, partitioner) -> dict:
+    """The discrepancy and robustness terms on the training set, without lambda (the paper's Figure 2)."""
+    model.eval()
+    loader = make_loader(dataset, cfg.training.batch_size, shuffle=True, seed=cfg.training.seed, workers=0)
+    sums, batches = {"discrepancy": 0.0, "robustness": 0.0}, 0
+    amp = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    for batch in loader:
+        images, labels = batch["image"].to(device), batch["label"].to(device)
+        synthetic, regions = batch["synthetic"].to(device), batch["region"].to(device)
+        if partitioner is not None:
+            regions = partitioner.assign(model.encode(images).float())
+        with amp:
+            logits = model(images)
+        out = compute_loss(cfg, data, logits.float(), F.one_hot(labels, data.num_classes).float(),
+                           synthetic, regions, lambdas=(1.0, 1.0))
+        sums["discrepancy"] += float(out.parts["discrepancy"])
+        sums["robustness"] += float(out.parts["robustness"])
+        batches += 1
+    model.train()
+    return {f"measured/{k}": v / max(batches, 1) for k, v in sums.items()}
+
+
+def _build_online(cfg, data, model, dataset, device) -> OnlinePartitioner | None:
+    """The lightweight variant's MacQueen partitioner, initialised from the frozen encoder's embeddings."""
+    if cfg.partition.mode != "online":
+        return None
+    loader = make_loader(dataset, cfg.training.eval_batch_size, shuffle=False, seed=0, workers=0)
+    with torch.no_grad():
+        model.eval()
+        feats = torch.cat([model.encode(b["image"].to(device)).float() for b in loader])
+        model.train()
+    k = min(num_regions("static", cfg.partition.cluster_multiple, data.num_classes), len(feats))
+    return OnlinePartitioner.from_features(feats, k, cfg.partition.seed)
+
+
+def fit(cfg: ExperimentConfig, data: TrainData, model: nn.Module, report: Report, *, workdir: str | Path,
+        regions: Callable[[list[str]], np.ndarray] | None = None, resume_from: str | Path | None = None,
+        device: torch.device | None = None, hooks: LoopHooks | None = None) -> FitResult:
+    """Fine-tune `model` on `data` as `cfg` says; validate every epoch, test the best-on-validation model once.
+
+    `regions(ids) -> [N] int64` gives the static region of each training sample by id (None: one region, or
+    online regions when `cfg.partition.mode == "online"`). `report(metrics, checkpoint_dir_or_None)` is called
+    after every epoch and once more with the test metrics. `resume_from` is a checkpoint directory of this loop.
+    """
+    hooks, device = hooks or LoopHooks(), device or pick_device()
+    workdir = Path(workdir).resolve()
+    torch.manual_seed(cfg.training.seed)
+    model = model.to(device)
+    dtype = amp_dtype(cfg, device)
+    t = cfg.training
+    real = data.real if t.use_real else []
+    synthetic = data.synthetic if t.use_synthetic else []
+    items, flags = training_items(real, synthetic, real_repeats(len(real), len(synthetic), t.real_per_synthetic))
+    region_of = regions([s.id for s in items]) if regions is not None else np.zeros(len(items), dtype=np.int64)
+    mean, std, size = model.mean, model.std, model.image_size
+    train_set = ImageSet(items, flags, region_of, build_train_transform(size, mean, std, t.augment))
+    eval_tf = build_eval_transform(size, mean, std)
+    plain = ImageSet(real + synthetic, np.array([False] * len(real) + [True] * len(synthetic), dtype=bool),
+                     region_of[: len(real)].tolist() + region_of[len(items) - len(synthetic):].tolist(), eval_tf)
+    val_loader = make_loader(_eval_set(data.val, eval_tf), t.eval_batch_size, shuffle=False, seed=0,
+                             workers=t.loader_workers)
+    partitioner = _build_online(cfg, data, model, plain, device) if items else None
+    steps_per_epoch = math.ceil(len(items) / t.batch_size) if items else 0
+    params = list(model.trainable_parameters())
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay) if params else None
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, t.epochs * steps_per_epoch),
+                                                            eta_min=t.min_lr) if optimizer else None)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    state = TrainState()
+    if resume_from is not None:
+        state = checkpoints.load(resume_from, model, optimizer, scheduler, partitioner)
+    wrapped = hooks.prepare_model(model)
+    for epoch in range(state.epoch + 1, t.epochs if items else 0):
+        seed = epoch_seed(t.seed, epoch)
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        loader = hooks.prepare_loader(make_loader(train_set, t.batch_size, shuffle=True, seed=seed,
+                                                  workers=t.loader_workers))
+        metrics = _train_epoch(cfg, data, wrapped, loader, optimizer, scheduler, scaler, dtype, partitioner,
+                               device, gen)
+        val = evaluate(model, val_loader, data.num_classes, device, dtype)
+        metrics.update({"epoch": epoch, "lr": scheduler.get_last_lr()[0], "val/accuracy": val.accuracy,
+                        "val/loss": val.loss})
+        if t.measure_regularisers and synthetic and real:
+            metrics.update(measure_regularisers(cfg, data, model, plain, device, dtype, partitioner))
+        if val.accuracy > state.best_val_accuracy:
+            state.best_val_accuracy, state.best_epoch = val.accuracy, epoch
+            state.best_adapters = copy.deepcopy(model.adapter_state_dict())
+        state.epoch, state.step = epoch, state.step + steps_per_epoch
+        state.history.append(metrics)
+        due = (epoch + 1) % max(1, t.checkpoint_every) == 0 or epoch == t.epochs - 1
+        ckpt = None
+        if due and hooks.is_chief:
+            ckpt = checkpoints.save(workdir / "checkpoints" / f"epoch_{epoch:04d}", model, optimizer, scheduler,
+                                    partitioner, state, cfg)
+        report(metrics, ckpt)
+    return _finish(cfg, data, model, report, state, workdir, eval_tf, device, dtype, hooks)
+
+
+def _eval_set(samples, transform) -> ImageSet:
+    n = len(samples)
+    return ImageSet(samples, np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64), transform)
+
+
+def _finish(cfg, data, model, report, state, workdir, eval_tf, device, dtype, hooks) -> FitResult:
+    """Restore the best-on-validation adapters, evaluate on test once, report, and save the final adapters."""
+    if state.best_adapters:
+        model.load_adapter_state_dict(state.best_adapters)
+    t = cfg.training
+    val = evaluate(model, make_loader(_eval_set(data.val, eval_tf), t.eval_batch_size, shuffle=False, seed=0,
+                                      workers=t.loader_workers), data.num_classes, device, dtype)
+    test = evaluate(model, make_loader(_eval_set(data.test, eval_tf), t.eval_batch_size, shuffle=False, seed=0,
+                                       workers=t.loader_workers), data.num_classes, device, dtype)
+    final = None
+    if hooks.is_chief:
+        final = checkpoints.save_final(workdir / "final", model, cfg, test.confusion)
+    metrics = {"best/epoch": state.best_epoch, "best/val_accuracy": val.accuracy, "test/accuracy": test.accuracy,
+               "test/loss": test.loss, "epoch": state.epoch}
+    report(metrics, final)
+    return FitResult(state.best_epoch, val.accuracy, val, test, state.history, final)

@@ -1,0 +1,98 @@
+"""The stages before training: few-shot data on disk, the classifier, and the static regions (cached)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fsynth.augment import build_eval_transform
+from fsynth.config import ExperimentConfig
+from fsynth.data.fewshot import build_fewshot, write_manifest
+from fsynth.data.records import Sample, load_image
+from fsynth.data.registry import load_dataset
+from fsynth.models import build_classifier, preprocess_spec
+from fsynth.partition import build_static_regions, embedding_features, ensure_regions, num_regions, pixel_features
+from fsynth.trainset import TrainData
+
+Lookup = Callable[[Sequence[str]], np.ndarray]
+
+
+def ensure_fewshot(cfg: ExperimentConfig, out_dir: str | Path) -> Path:
+    """The few-shot directory of `cfg.data` under `out_dir` (written once, reused while it exists)."""
+    d = cfg.data
+    out = Path(out_dir).resolve() / f"{d.dataset}-shot{d.shots}-seed{d.seed}-split{d.split_seed}-v{d.val_per_class}"
+    if not (out / "manifest.parquet").is_file() or not (out / "fewshot.json").is_file():
+        dataset = load_dataset(d.dataset, d.root, split_seed=d.split_seed, val_fraction=d.val_fraction,
+                               fetch=d.download)
+        write_manifest(build_fewshot(dataset, d.shots, d.seed, d.val_per_class), out)
+    return out
+
+
+class LazyImages(Sequence):
+    """Images of `samples`, decoded on access, so a partition over tens of thousands never holds them all."""
+
+    def __init__(self, samples: list[Sample]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Image.Image:
+        return load_image(self.samples[i])
+
+
+def build_model(cfg: ExperimentConfig, data: TrainData, device: torch.device | None = None) -> torch.nn.Module:
+    """The classifier of `cfg.model` for `data`'s classes; a prototype head is built from the real shots."""
+    torch.manual_seed(cfg.training.seed)  # LoRA's A matrices (and random test backbones) draw from the global RNG
+    batches = None
+    if cfg.model.head == "prototype":
+        size, mean, std = preprocess_spec(cfg.model)
+        transform = build_eval_transform(size, mean, std)
+        shots = data.real
+        batches = [
+            (torch.stack([transform(load_image(s)) for s in shots[i:i + 64]]),
+             torch.tensor([s.label for s in shots[i:i + 64]]))
+            for i in range(0, len(shots), 64)
+        ]
+    model = build_classifier(cfg.model, data.classnames, data.templates, prototype_batches=batches)
+    return model.to(device) if device is not None else model
+
+
+def _ids_digest(samples: list[Sample]) -> str:
+    return hashlib.sha256("\n".join(s.id for s in samples).encode()).hexdigest()
+
+
+def build_regions(cfg: ExperimentConfig, data: TrainData, model: torch.nn.Module, cache_dir: str | Path
+                  ) -> Lookup | None:
+    """Static k-means regions of real ∪ synthetic (cached by everything that determines them), as an id lookup.
+
+    None when the run needs no static partition (a single region, online regions, or no real/synthetic pair).
+    """
+    p = cfg.partition
+    samples = (data.real if cfg.training.use_real else []) + (data.synthetic if cfg.training.use_synthetic else [])
+    if p.mode != "static" or not samples:
+        return None
+    k = min(num_regions(p.mode, p.cluster_multiple, data.num_classes), len(samples))
+    key = {"dataset": data.dataset, "ids": _ids_digest(samples), "count": len(samples), "features": p.features,
+           "k": k, "iterations": p.iterations, "seed": p.seed}
+    if p.features == "embedding":
+        key.update(arch=cfg.model.arch, pretrained=cfg.model.pretrained, image_size=model.image_size)
+    else:
+        key.update(pixel_side=p.pixel_side)
+
+    def compute():
+        images = LazyImages(samples)
+        if p.features == "pixels":
+            feats = pixel_features(images, p.pixel_side)
+        else:
+            feats = embedding_features(model.encode, images,
+                                       build_eval_transform(model.image_size, model.mean, model.std))
+        return build_static_regions([s.id for s in samples], feats, k, iterations=p.iterations, seed=p.seed,
+                                    features_kind=p.features)
+
+    return ensure_regions(cache_dir, key, compute).lookup

@@ -1,0 +1,90 @@
+"""`python -m fsynth.train`: one training run on this machine (no Ray), printing validation and test accuracy."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fsynth.baselines import BASELINES, apply_baseline, needs_synthetic
+from fsynth.checkpoints import latest
+from fsynth.cli import run_main
+from fsynth.config import ExperimentConfig, build_config, config_to_dict, save_config
+from fsynth.errors import ConfigError
+from fsynth.loop import FitResult, fit, pick_device
+from fsynth.stages import build_model, build_regions, ensure_fewshot
+from fsynth.trainset import load_train_data
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fsynth.train", description=__doc__)
+    p.add_argument("--dataset", required=True, help="a name from `python -m fsynth.data list`")
+    p.add_argument("--root", default=None, help="data root (default: the dataset's usual place)")
+    p.add_argument("--preset", default="embedded", help="full, lightweight or embedded (default)")
+    p.add_argument("--config", action="append", default=[], help="YAML file(s) applied after the preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set training.lr=1e-5 (repeatable)")
+    p.add_argument("--baseline", default="method", choices=list(BASELINES), help="which method to train")
+    p.add_argument("--synthetic", default=None, help="synthetic manifest (parquet) of an existing synthetic set")
+    p.add_argument("--out", default="runs/train", help="where runs are written (default runs/train)")
+    p.add_argument("--resume", action="store_true", help="continue this config's run from its last checkpoint")
+    return p
+
+
+def resolve(args: argparse.Namespace) -> ExperimentConfig:
+    extra = {"data": {"dataset": args.dataset}}
+    if args.root is not None:
+        extra["data"]["root"] = str(Path(args.root).expanduser().resolve())
+    cfg = build_config(args.preset, files=args.config, overrides=args.overrides, extra=extra)
+    return apply_baseline(cfg, args.baseline)
+
+
+def run_dir(out: Path, cfg: ExperimentConfig, synthetic: str | None) -> Path:
+    """A run's directory is named by a hash of its config and inputs: the same run resumes in place."""
+    blob = json.dumps({"config": config_to_dict(cfg), "synthetic": synthetic}, sort_keys=True)
+    return out / cfg.data.dataset / f"{cfg.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def print_epoch(metrics: dict, checkpoint: str | None) -> None:
+    if "test/accuracy" in metrics:
+        return
+    extra = "".join(f"  {k.split('/')[1]} {metrics[k]:.4f}" for k in ("measured/discrepancy", "measured/robustness")
+                    if k in metrics)
+    print(f"epoch {metrics['epoch']:3d}  loss {metrics['train/loss']:.4f}  train acc "
+          f"{metrics['train/accuracy']:.3f}  val acc {metrics['val/accuracy']:.4f}{extra}", flush=True)
+
+
+def run_train(args: argparse.Namespace) -> FitResult:
+    cfg = resolve(args)
+    synthetic = str(Path(args.synthetic).resolve()) if args.synthetic else None
+    if needs_synthetic(cfg) and synthetic is None:
+        raise ConfigError(f"baseline '{args.baseline}' trains on synthetic images: pass --synthetic MANIFEST "
+                          "(a synthetic set's manifest.parquet), or use --baseline real-only / zero-shot")
+    out = Path(args.out).resolve()
+    workdir = run_dir(out, cfg, synthetic)
+    resume = latest(workdir) if args.resume else None
+    save_config(cfg, workdir / "config.yaml")
+    data = load_train_data(ensure_fewshot(cfg, out / "fewshot"), synthetic if needs_synthetic(cfg) else None)
+    device = pick_device()
+    model = build_model(cfg, data, device)
+    regions = build_regions(cfg, data, model, out / "cache")
+    print(f"{cfg.name} on {data.dataset}: {len(data.real)} real, {len(data.synthetic)} synthetic, "
+          f"{len(data.val)} val, {len(data.test)} test; run dir {workdir}"
+          + (f"; resuming from {resume.name}" if resume else ""), flush=True)
+    result = fit(cfg, data, model, print_epoch, workdir=workdir, regions=regions, resume_from=resume, device=device)
+    print(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}; "
+          f"test accuracy {result.test.accuracy:.4f} (evaluated once)")
+    print(f"final adapters: {result.checkpoint}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run_train(build_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
