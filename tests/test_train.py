@@ -1,0 +1,48 @@
+"""`python -m fsynth.train`, run as a user runs it, on a tiny folder dataset with a tiny CLIP."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.data.fake_roots import make_root
+
+TINY = ["--set", "model.arch=tiny-clip", "--set", "model.pretrained=", "--set", "model.head=zeroshot",
+        "--set", "model.image_size=32", "--set", "training.epochs=2", "--set", "training.batch_size=8",
+        "--set", "data.shots=2", "--set", "data.val_per_class=0", "--set", "model.lora.rank=2"]
+
+
+def run(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "fsynth.train", *args], capture_output=True, text=True,
+                          timeout=600, cwd=cwd, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
+@pytest.mark.slow
+def test_real_only_run_prints_val_and_test_and_resumes(tmp_path):
+    make_root("folder", tmp_path / "data", per_class=8)
+    args = ["--dataset", "folder", "--root", str(tmp_path / "data"), "--baseline", "real-only",
+            "--out", str(tmp_path / "runs"), *TINY]
+    result = run(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "epoch   1" in result.stdout and "test accuracy" in result.stdout
+    finals = list((tmp_path / "runs" / "folder").glob("real-only-*/final/adapters.safetensors"))
+    assert len(finals) == 1 and (finals[0].parent / "config.yaml").is_file()
+    again = run(*args, "--resume", cwd=tmp_path)  # every epoch is done: resuming only re-tests
+    assert again.returncode == 0 and "resuming from epoch_0001" in again.stdout
+    assert "epoch   0" not in again.stdout
+
+
+def test_bad_input_is_one_line_and_status_2(tmp_path):
+    make_root("folder", tmp_path / "data", per_class=8)
+    base = ["--dataset", "folder", "--root", str(tmp_path / "data"), "--out", str(tmp_path / "runs")]
+    cases = [
+        (["--baseline", "method"], "trains on synthetic images: pass --synthetic MANIFEST"),
+        (["--baseline", "real-only", "--set", "training.lrr=1"], "unknown config key 'training.lrr'"),
+        (["--baseline", "real-only", "--preset", "nope"], "unknown preset 'nope'"),
+        (["--baseline", "method", "--synthetic", str(tmp_path / "none.parquet"), *TINY],
+         "synthetic manifest"),
+    ]
+    for extra, expected in cases:
+        result = run(*base, *extra, cwd=tmp_path)
+        assert result.returncode == 2, (extra, result.stderr[-2000:])
+        assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
