@@ -180,8 +180,9 @@ def fit(cfg: ExperimentConfig, data: TrainData, model: nn.Module, report: Report
     mean, std, size = model.mean, model.std, model.image_size
     train_set = ImageSet(items, flags, region_of, build_train_transform(size, mean, std, t.augment))
     eval_tf = build_eval_transform(size, mean, std)
+    # Each training sample once, without augmentation: for the online centroids' start and for Figure 2.
     plain = ImageSet(real + synthetic, np.array([False] * len(real) + [True] * len(synthetic), dtype=bool),
-                     region_of[: len(real)].tolist() + region_of[len(items) - len(synthetic):].tolist(), eval_tf)
+                     np.concatenate([region_of[: len(real)], region_of[len(items) - len(synthetic):]]), eval_tf)
     val_loader = make_loader(_eval_set(data.val, eval_tf), t.eval_batch_size, shuffle=False, seed=0,
                              workers=t.loader_workers)
     partitioner = _build_online(cfg, data, model, plain, device) if items else None

@@ -78,6 +78,10 @@ def run_train(args: argparse.Namespace) -> FitResult:
     print(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}; "
           f"test accuracy {result.test.accuracy:.4f} (evaluated once)")
     print(f"final adapters: {result.checkpoint}")
+    summary = {"dataset": data.dataset, "baseline": cfg.name, "synthetic": synthetic, "best_epoch": result.best_epoch,
+               "val_accuracy": result.best_val_accuracy, "test_accuracy": result.test.accuracy,
+               "test_count": result.test.count, "history": result.history}
+    (workdir / "result.json").write_text(json.dumps(summary, indent=2))
     return result
 
 

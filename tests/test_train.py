@@ -27,6 +27,7 @@ def test_real_only_run_prints_val_and_test_and_resumes(tmp_path):
     assert "epoch   1" in result.stdout and "test accuracy" in result.stdout
     finals = list((tmp_path / "runs" / "folder").glob("real-only-*/final/adapters.safetensors"))
     assert len(finals) == 1 and (finals[0].parent / "config.yaml").is_file()
+    assert (finals[0].parent.parent / "result.json").is_file()
     again = run(*args, "--resume", cwd=tmp_path)  # every epoch is done: resuming only re-tests
     assert again.returncode == 0 and "resuming from epoch_0001" in again.stdout
     assert "epoch   0" not in again.stdout
