@@ -11,13 +11,7 @@ PARTS = ("ce_real", "ce_synth", "discrepancy", "robustness")
 WEIGHTS = dict(ce_real_weight=4.0, ce_synth_weight=0.7, lambda_discrepancy=2.0, lambda_robustness=20.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tensors here are tiny: a second intra-op thread only adds a wake-up per op (~8 ms on a busy 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------------

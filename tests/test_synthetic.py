@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 import fsynth.synthetic as synthetic
@@ -26,13 +25,7 @@ from fsynth.synthetic import (
 CLASSES = ("T-shirt/top", "Ankle boot")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy models gain nothing from threads, and on a shared small machine a second thread makes each step slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_columns_extend_the_real_manifest():

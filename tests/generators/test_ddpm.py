@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from fsynth.errors import FsynthError
@@ -14,13 +13,7 @@ TINY = {"resolution": 16, "channels": 1, "widths": (16, 32, 32)}
 SAMPLE_STEPS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy models gain nothing from threads, and on a shared small machine a second thread makes each step slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_images() -> tuple[list[Image.Image], list[int]]:
