@@ -16,6 +16,7 @@ from fsynth.data.fewshot import load_manifest
 from fsynth.data.records import Sample, load_image
 from fsynth.data.registry import get_spec
 from fsynth.errors import DataError
+from fsynth.synthetic import load_synthetic_manifest
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,7 @@ def load_train_data(fewshot_dir: str | Path, synthetic_manifest: str | Path | No
     frame = load_manifest(fewshot_dir / "manifest.parquet")
     synthetic: list[Sample] = []
     if synthetic_manifest is not None:
-        synth = pd.read_parquet(synthetic_manifest) if Path(synthetic_manifest).is_file() else None
-        if synth is None:
-            raise DataError(f"synthetic manifest {synthetic_manifest} does not exist; generate the set first")
+        synth = load_synthetic_manifest(synthetic_manifest)
         if synth.label.max() >= len(info["classnames"]):
             raise DataError(f"synthetic manifest {synthetic_manifest} has labels beyond the dataset's classes")
         synthetic = _samples(synth)

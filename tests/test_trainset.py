@@ -27,7 +27,8 @@ def test_load_train_data_reads_both_manifests(tmp_path):
     cfg = build_config(overrides=["data.dataset=eurosat", f"data.root={tmp_path / 'data'}", "data.shots=2"])
     fewshot = ensure_fewshot(cfg, tmp_path / "fs")
     synth = pd.DataFrame({"sample_id": ["synthetic/a/0"], "path": ["/x.png"], "index": [-1], "label": [3],
-                          "class_name": ["Highway or Road"], "domain": ["synthetic"]})
+                          "class_name": ["Highway or Road"], "domain": ["synthetic"],
+                          "prompt": ["a satellite photo of a Highway or Road"], "seed": [7], "generator": ["abc"]})
     synth.to_parquet(tmp_path / "synth.parquet")
     data = load_train_data(fewshot, tmp_path / "synth.parquet")
     assert data.num_classes == 10 and len(data.real) == 20 and len(data.synthetic) == 1
@@ -36,5 +37,8 @@ def test_load_train_data_reads_both_manifests(tmp_path):
     synth.assign(label=[10]).to_parquet(tmp_path / "bad.parquet")
     with pytest.raises(DataError, match="labels beyond the dataset's classes"):
         load_train_data(fewshot, tmp_path / "bad.parquet")
+    synth.drop(columns=["generator"]).to_parquet(tmp_path / "old.parquet")
+    with pytest.raises(DataError, match="synthetic manifest .* lacks columns"):
+        load_train_data(fewshot, tmp_path / "old.parquet")
     with pytest.raises(DataError, match="fewshot.json is missing; run `python -m fsynth.data prepare"):
         load_train_data(tmp_path / "nowhere")
