@@ -183,8 +183,7 @@ def fit(cfg: ExperimentConfig, data: TrainData, model: nn.Module, report: Report
     # Each training sample once, without augmentation: for the online centroids' start and for Figure 2.
     plain = ImageSet(real + synthetic, np.array([False] * len(real) + [True] * len(synthetic), dtype=bool),
                      np.concatenate([region_of[: len(real)], region_of[len(items) - len(synthetic):]]), eval_tf)
-    val_loader = make_loader(_eval_set(data.val, eval_tf), t.eval_batch_size, shuffle=False, seed=0,
-                             workers=t.loader_workers)
+    val_loader = _eval_loader(data.val, eval_tf, t)
     partitioner = _build_online(cfg, data, model, plain, device) if items else None
     steps_per_epoch = math.ceil(len(items) / t.batch_size) if items else 0
     params = list(model.trainable_parameters())
@@ -228,15 +227,19 @@ def _eval_set(samples, transform) -> ImageSet:
     return ImageSet(samples, np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64), transform)
 
 
+def _eval_loader(samples, transform, t):
+    """Validation or test samples in a fixed order, without augmentation."""
+    return make_loader(_eval_set(samples, transform), t.eval_batch_size, shuffle=False, seed=0,
+                       workers=t.loader_workers)
+
+
 def _finish(cfg, data, model, report, state, workdir, eval_tf, device, dtype, hooks) -> FitResult:
     """Restore the best-on-validation adapters, evaluate on test once, report, and save the final adapters."""
     if state.best_adapters:
         model.load_adapter_state_dict(state.best_adapters)
     t = cfg.training
-    val = evaluate(model, make_loader(_eval_set(data.val, eval_tf), t.eval_batch_size, shuffle=False, seed=0,
-                                      workers=t.loader_workers), data.num_classes, device, dtype)
-    test = evaluate(model, make_loader(_eval_set(data.test, eval_tf), t.eval_batch_size, shuffle=False, seed=0,
-                                       workers=t.loader_workers), data.num_classes, device, dtype)
+    val = evaluate(model, _eval_loader(data.val, eval_tf, t), data.num_classes, device, dtype)
+    test = evaluate(model, _eval_loader(data.test, eval_tf, t), data.num_classes, device, dtype)
     final = None
     if hooks.is_chief:
         final = checkpoints.save_final(workdir / "final", model, cfg, test.confusion)
