@@ -68,7 +68,14 @@ class GeneratorConfig:
     base_seed: int = 0
     lora_path: str = ""
     lora_scale: float = 1.0
+    batch_size: int = 8  # images per generator call; fixed groups of the prompt table, so resumes are bit-identical
     finetune: GeneratorFinetuneConfig = field(default_factory=GeneratorFinetuneConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("images_per_class", "steps", "batch_size", "resolution"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"generator.{key} must be at least 1, got {getattr(self, key)}; "
+                                  f"set --set generator.{key}=N with a positive N")
 
 
 @dataclass(frozen=True)
