@@ -158,6 +158,7 @@ class ResourcesConfig:
     cpus_per_worker: int = 1
     gpus_per_worker: float = 0.0
     generator_actors: int = 1
+    cpus_per_generator_actor: float = 1.0
     gpus_per_generator_actor: float = 0.0
 
 

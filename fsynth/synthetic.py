@@ -1,12 +1,17 @@
-"""The synthetic set: seeds, stable ids, the prompt table, image files and the manifest, shared by every backend.
+"""The synthetic set on disk: seeds, stable ids, the prompt table, its folder's address, image files, manifest.
 
-A generator backend turns `plan_rows` (one row per image to make) into images; `write_synthetic_images` and
-`write_synthetic_manifest` store them. `build_ddpm_synthetic_set` does all of it for the offline `ddpm` backend.
+Layout of one set, `<root>/<dataset>-<backend>-<16 hex>/` (the hex addresses everything that determines the images):
+  set.json          what the address covers (generator fingerprint, prompts' inputs, counts, group size)
+  prompts.parquet   the prompt table, written first: one row per image (SYNTHETIC_COLUMNS + `group`)
+  <class>/<i>.png   the images, each tagged with its sample id
+  manifest.parquet  written last, once every image is present and readable
+  samples.png       a grid of the first images of every class, to look at
+A backend generates one `group` of rows per call (a fixed slice of one class), so an image is made in the same
+company whether the run is fresh, resumed or spread over several actors.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -21,12 +26,14 @@ from PIL.PngImagePlugin import PngInfo
 from fsynth.data.fewshot import folder_name, load_manifest
 from fsynth.data.records import Sample, load_image
 from fsynth.errors import DataError, FsynthError
-from fsynth.generators.ddpm import DDPMGenerator, load_generator, sample_images, save_generator, train_ddpm
 from fsynth.prompts import generation_prompt
 
 SYNTHETIC_COLUMNS = ("sample_id", "path", "index", "label", "class_name", "domain", "prompt", "seed", "generator")
+PROMPT_COLUMNS = (*SYNTHETIC_COLUMNS, "group")
 MANIFEST_NAME = "manifest.parquet"
-GENERATOR_DIR = "generator"
+PROMPTS_NAME = "prompts.parquet"
+SET_NAME = "set.json"
+GRID_NAME = "samples.png"
 ID_KEY = "fsynth:sample_id"  # PNG text chunk naming the image's sample id
 
 
@@ -47,8 +54,11 @@ def relative_png(sid: str) -> str:
 
 
 def plan_rows(dataset: str, classnames: Sequence[str], domain: str, images_per_class: int, base_seed: int,
-              fingerprint: str) -> pd.DataFrame:
-    """The prompt table: one row per image to generate, class by class, `path` still empty."""
+              fingerprint: str, group_size: int = 8) -> pd.DataFrame:
+    """The prompt table: one row per image, class by class, `path` still empty (PROMPT_COLUMNS).
+
+    `group` numbers consecutive slices of `group_size` images of one class: the unit of one generator call.
+    """
     if images_per_class <= 0:
         raise FsynthError(f"images_per_class must be at least 1, got {images_per_class}; "
                           "set generator.images_per_class to a positive number")
@@ -58,8 +68,13 @@ def plan_rows(dataset: str, classnames: Sequence[str], domain: str, images_per_c
         for label, name in enumerate(classnames)
         for i in range(images_per_class)
     ]
+    if group_size <= 0:
+        raise FsynthError(f"group size must be at least 1, got {group_size}; set generator.batch_size")
     frame = pd.DataFrame(rows, columns=list(SYNTHETIC_COLUMNS))
-    return frame.astype({"index": "int64", "label": "int64", "seed": "int64"})
+    per_class = -(-images_per_class // group_size)
+    within = frame.groupby("label").cumcount()
+    frame["group"] = frame["label"] * per_class + within // group_size
+    return frame.astype({"index": "int64", "label": "int64", "seed": "int64", "group": "int64"})
 
 
 def _atomic_png(image: Image.Image, path: Path, sid: str) -> None:
@@ -123,80 +138,116 @@ def is_valid_png(path: str | Path, sid: str | None = None) -> bool:
         return False
 
 
-def _classnames(manifest: pd.DataFrame, path: str | Path) -> list[str]:
-    """Class names in label order, from every split of the real manifest."""
+
+
+def load_shots(fewshot_dir: str | Path) -> tuple[list[Image.Image], list[int], list[str], str]:
+    """The real training shots of a few-shot folder: images, labels, class names in label order, ids digest."""
+    manifest = load_manifest(Path(fewshot_dir) / "manifest.parquet")
     pairs = manifest[["label", "class_name"]].drop_duplicates().sort_values("label")
     if pairs["label"].duplicated().any() or list(pairs["label"]) != list(range(len(pairs))):
-        raise DataError(f"manifest {path} does not map labels 0..C-1 to one class name each; "
+        raise DataError(f"manifest in {fewshot_dir} does not map labels 0..C-1 to one class name each; "
                         "run `python -m fsynth.data prepare` again")
-    return list(pairs["class_name"])
-
-
-def _shots(manifest: pd.DataFrame, path: str | Path) -> tuple[list[Image.Image], list[int], str]:
-    """The real training shots: images, labels, and a digest of their ids (ties a saved generator to them)."""
     train = manifest[manifest["split"] == "train"].sort_values("sample_id")
     if train.empty:
-        raise DataError(f"manifest {path} has no 'train' rows (the shots); run `python -m fsynth.data prepare`")
+        raise DataError(f"manifest in {fewshot_dir} has no 'train' rows (the shots); run `python -m fsynth.data "
+                        "prepare`")
     images = [load_image(Sample(r.sample_id, int(r.label), r.path, int(r.index))) for r in train.itertuples()]
     digest = hashlib.sha256("\n".join(train["sample_id"]).encode()).hexdigest()[:16]
-    return images, [int(v) for v in train["label"]], digest
+    return images, [int(v) for v in train["label"]], list(pairs["class_name"]), digest
 
 
-def _generator(directory: Path, shots: tuple, num_classes: int, channels: int, train: dict,
-               log: Callable[[str], None]) -> DDPMGenerator:
-    """Load the saved generator when it was trained on these shots with these settings, else train and save it."""
-    images, labels, digest = shots
-    wanted = {**train, "shots": len(images), "shots_digest": digest}
-    if directory.exists():
-        gen = load_generator(directory)
-        if gen.training == wanted and (gen.num_classes, gen.channels) == (num_classes, channels):
-            log(f"loaded generator {gen.fingerprint} from {directory}")
-            return gen
-        raise FsynthError(f"the generator in {directory} was trained on other shots or settings ({gen.training}); "
-                          "delete that folder or pick another output folder")
-    start = time.perf_counter()
-    gen = train_ddpm(images, labels, num_classes, channels=channels, **train)
-    gen = dataclasses.replace(gen, training={**gen.training, "shots_digest": digest}, fingerprint="")
-    log(f"trained generator {gen.fingerprint} ({train['steps']} steps) in {time.perf_counter() - start:.1f} s")
-    save_generator(gen, directory)
-    return gen
+def set_address(key: dict) -> str:
+    """16 hex of sha256 over the canonical JSON of `key` (everything that determines a set's images)."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _sample_missing(gen: DDPMGenerator, rows: pd.DataFrame, out: Path, steps: int, batch_size: int,
-                    log: Callable[[str], None]) -> None:
-    """Generate the rows whose PNG is missing, unreadable or another image; one batch at a time, so a crash
-    loses at most one batch."""
-    todo = rows[[not is_valid_png(out / relative_png(s), s) for s in rows["sample_id"]]]
-    start = time.perf_counter()
-    for lo in range(0, len(todo), batch_size):
-        chunk = todo.iloc[lo:lo + batch_size]
-        images = sample_images(gen, list(chunk["label"]), list(chunk["seed"]), steps=steps, batch_size=batch_size)
-        write_synthetic_images(chunk, images, out)
-    log(f"sampled {len(todo)} images ({len(rows) - len(todo)} already present) "
-        f"with {steps} DDIM steps in {time.perf_counter() - start:.1f} s")
+def prepare_synthetic_set(root: str | Path, key: dict, table: pd.DataFrame) -> Path:
+    """Create (or reopen) the set folder `<root>/<dataset>-<backend>-<address>` with set.json and the prompt table.
 
-
-def build_ddpm_synthetic_set(
-    fewshot_manifest: str | Path, out_dir: str | Path, *, images_per_class: int, train_steps: int, batch_size: int,
-    lr: float, weight_decay: float, warmup_steps: int, sample_steps: int, seed: int, dataset: str,
-    domain: str = "", log: Callable[[str], None] | None = None,
-) -> Path:
-    """Train the DDPM on the shots of a few-shot manifest, sample `images_per_class` per class, write the set.
-
-    Layout: out_dir/generator (the saved DDPM), out_dir/<class folder>/<index:05d>.png, out_dir/manifest.parquet
-    (returned). Resumable: a saved generator is reused, and only missing or corrupt PNGs are generated.
-    `log` receives one line per phase (with its wall time).
+    Reopening checks that the stored table is the same table: a folder is never reused for other images.
     """
-    log = log or (lambda line: None)
-    manifest = load_manifest(fewshot_manifest)
-    classnames = _classnames(manifest, fewshot_manifest)
-    plan_rows(dataset, classnames, domain, images_per_class, seed, "check")  # fail on a bad count before training
+    out = Path(root).resolve() / f"{key['dataset']}-{key['backend']}-{set_address(key)}"
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = out / PROMPTS_NAME
+    if prompts.is_file():
+        stored = pd.read_parquet(prompts)
+        if not stored[list(PROMPT_COLUMNS)].equals(table[list(PROMPT_COLUMNS)].reset_index(drop=True)):
+            raise FsynthError(f"{prompts} holds another prompt table than this config makes; delete {out} "
+                              "(its images were made from other prompts or seeds) and run again")
+        return out
+    _atomic_write(out / SET_NAME, json.dumps(key, indent=2, sort_keys=True, default=str).encode())
+    tmp = out / f".{PROMPTS_NAME}.{os.getpid()}.tmp"
+    table[list(PROMPT_COLUMNS)].reset_index(drop=True).to_parquet(tmp, index=False)
+    os.replace(tmp, prompts)
+    return out
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def missing_groups(table: pd.DataFrame, out_dir: str | Path) -> list[int]:
+    """Groups with at least one image that is missing, unreadable (a partial write) or another image."""
+    out = Path(out_dir)
+    bad = [not is_valid_png(out / relative_png(s), s) for s in table["sample_id"]]
+    return sorted(int(g) for g in table.loc[bad, "group"].unique())
+
+
+def generate_group(generator, rows: pd.DataFrame, out_dir: str | Path) -> pd.DataFrame:
+    """Make every image of one group with `generator` and write those not already valid on disk.
+
+    Returns the rows with `path` set and `written` (bool): images already present are never overwritten.
+    """
     out = Path(out_dir).resolve()
-    channels = 1 if dataset == "fashion-mnist" else 3
-    train = {"steps": train_steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-             "warmup_steps": warmup_steps, "seed": seed}
-    gen = _generator(out / GENERATOR_DIR, _shots(manifest, fewshot_manifest), len(classnames), channels, train, log)
-    rows = plan_rows(dataset, classnames, domain, images_per_class, seed, gen.fingerprint)
-    _sample_missing(gen, rows, out, sample_steps, batch_size, log)
-    rows = rows.assign(path=[str(out / relative_png(s)) for s in rows["sample_id"]])
-    return write_synthetic_manifest(rows, out)
+    images = generator.generate(rows)
+    if len(images) != len(rows):
+        raise FsynthError(f"the generator returned {len(images)} images for {len(rows)} rows; a backend must "
+                          "return one image per row")
+    todo = [not is_valid_png(out / relative_png(s), s) for s in rows["sample_id"]]
+    keep = rows[todo]
+    write_synthetic_images(keep, [img for img, t in zip(images, todo, strict=True) if t], out)
+    return rows.assign(path=[str(out / relative_png(s)) for s in rows["sample_id"]], written=todo)
+
+
+def run_groups_direct(generator, table: pd.DataFrame, out_dir: str | Path, groups: Sequence[int],
+                      log: Callable[[str], None] | None = None) -> int:
+    """Generate `groups` of the prompt table one after the other in this process; return the images written."""
+    log = log or (lambda line: None)
+    written, start, every = 0, time.perf_counter(), max(1, len(groups) // 20)
+    for i, group in enumerate(groups, 1):
+        done = generate_group(generator, table[table["group"] == group], out_dir)
+        written += int(done["written"].sum())
+        if i % every == 0 or i == len(groups):
+            log(f"groups {i}/{len(groups)}: {written} images written, "
+                f"{written / (time.perf_counter() - start):.2f} img/s")
+    return written
+
+
+def finish_synthetic_set(out_dir: str | Path, table: pd.DataFrame, grid_per_class: int = 8) -> Path:
+    """Check every image of the table, write manifest.parquet and samples.png; return the manifest path."""
+    out = Path(out_dir).resolve()
+    left = missing_groups(table, out)
+    if left:
+        raise FsynthError(f"{out} still lacks images in {len(left)} groups; run the same command again to make "
+                          "only the missing ones")
+    rows = table.assign(path=[str(out / relative_png(s)) for s in table["sample_id"]])
+    path = write_synthetic_manifest(rows, out)
+    write_sample_grid(rows, out / GRID_NAME, grid_per_class)
+    return path
+
+
+def write_sample_grid(rows: pd.DataFrame, path: str | Path, per_class: int = 8, cell: int = 64) -> Path:
+    """One row of `per_class` images per class (cells of cell x cell px), written to `path` as PNG."""
+    classes = sorted(rows["label"].unique())
+    grid = Image.new("RGB", (per_class * cell, len(classes) * cell), "white")
+    for r, label in enumerate(classes):
+        for c, p in enumerate(rows[rows["label"] == label]["path"].iloc[:per_class]):
+            with Image.open(p) as img:
+                grid.paste(img.convert("RGB").resize((cell, cell), Image.Resampling.BICUBIC), (c * cell, r * cell))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    grid.save(tmp)
+    os.replace(tmp, path)
+    return path

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,3 +270,63 @@ def sample_images(
         y = torch.as_tensor([int(v) for v in labels[start:stop]], dtype=torch.long, device=device)
         images.extend(tensor_to_images(_ddim(unet, sched, x, y), out_size))
     return images
+
+
+@dataclass
+class DDPMBackend:
+    """The `ddpm` backend behind the generator interface: a trained DDPMGenerator plus its sampling settings."""
+
+    gen: DDPMGenerator
+    steps: int = 25
+    out_size: int | None = None
+    device: str | torch.device = "cpu"
+    fingerprint: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        blob = json.dumps([self.gen.fingerprint, "ddim-eta0-trailing", self.steps, self.out_size]).encode()
+        self.fingerprint = hashlib.sha256(blob).hexdigest()[:16]
+
+    def generate(self, rows: Any) -> list[Image.Image]:
+        """One RGB image per row (columns `label`, `seed`), R x R or out_size x out_size."""
+        return sample_images(self.gen, [int(v) for v in rows["label"]], [int(v) for v in rows["seed"]],
+                             steps=self.steps, batch_size=max(1, len(rows)), device=self.device,
+                             out_size=self.out_size)
+
+
+def training_steps(epochs: int, shots: int, batch_size: int) -> int:
+    """Optimiser steps for `epochs` passes over `shots` images at `batch_size` (at least one)."""
+    return max(1, math.ceil(epochs * shots / max(1, batch_size)))
+
+
+def ensure_ddpm_generator(
+    images: Sequence[Image.Image], labels: Sequence[int], num_classes: int, shots_digest: str, settings: dict,
+    out_root: str | Path, *, device: str | torch.device = "cpu", log: Callable[[str], None] | None = None,
+) -> Path:
+    """The trained DDPM for these shots and settings, as a versioned folder under out_root (trained once).
+
+    The folder `out_root/ddpm-<16 hex>` is named by sha256 of the shots' ids digest, the class count and
+    `settings` (train_ddpm's keyword arguments: steps, batch_size, lr, weight_decay, warmup_steps, seed,
+    resolution, channels); it holds the weights and generator.json (the settings that made them).
+    Concurrent callers may both train; the atomic rename leaves one complete copy.
+    """
+    log = log or (lambda line: None)
+    key = {"shots": shots_digest, "num_classes": num_classes, "settings": settings, "format": FORMAT}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    directory = Path(out_root).resolve() / f"ddpm-{digest}"
+    if (directory / CONFIG_FILE).is_file():
+        log(f"reusing the trained DDPM in {directory}")
+        return directory
+    start = time.perf_counter()
+    every = max(1, settings["steps"] // 10)
+
+    def progress(step: int, loss: float) -> None:
+        if step % every == 0 or step == settings["steps"]:
+            log(f"ddpm step {step}/{settings['steps']} loss {loss:.4f}")
+
+    gen = train_ddpm(images, labels, num_classes, device=device, progress=progress, **settings)
+    gen = DDPMGenerator(gen.unet, gen.schedule, gen.resolution, gen.channels, gen.num_classes,
+                        training={**gen.training, "shots_digest": shots_digest})
+    save_generator(gen, directory)
+    log(f"trained DDPM {gen.fingerprint} ({settings['steps']} steps) in {time.perf_counter() - start:.1f} s "
+        f"-> {directory}")
+    return directory

@@ -1,0 +1,110 @@
+"""The generation job on Ray Data: generator artefact as a Ray task, then prompt-table groups through an actor pool.
+
+Pipeline: the prompt table (written first by `prepare_synthetic_set`) -> one Ray Data row per group still to
+make -> `map_batches(GroupGenerator, compute=ActorPoolStrategy(size=n))`, each actor holding one loaded backend
+and writing PNGs itself -> the driver streams per-image results for progress -> manifest, sample grid.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import ray
+import ray.data
+import torch
+
+from fsynth.config import ExperimentConfig
+from fsynth.generation import build_generator, ensure_generator_artefact, plan_synthetic_set
+from fsynth.synthetic import (
+    PROMPTS_NAME,
+    finish_synthetic_set,
+    generate_group,
+    missing_groups,
+    prepare_synthetic_set,
+)
+
+Log = Callable[[str], None]
+
+
+def _device(gpus: float) -> str:
+    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+class GroupGenerator:
+    """A Ray Data actor: loads the backend once, then makes whole groups of the prompt table.
+
+    Input batch: a DataFrame with column `group` [B]; output: one row per image of those groups
+    (sample_id, written).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, artefact: str | None, out_dir: str, cpus: float, gpus: float):
+        torch.set_num_threads(max(1, int(cpus)))  # one actor = its CPU share; more threads only contend
+        self.out_dir = out_dir
+        self.table = pd.read_parquet(Path(out_dir) / PROMPTS_NAME)
+        self.generator = build_generator(cfg.generator, artefact, _device(gpus))
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        done = [generate_group(self.generator, self.table[self.table["group"] == g], self.out_dir)
+                for g in batch["group"]]
+        return pd.concat(done)[["sample_id", "written"]].reset_index(drop=True)
+
+
+def ensure_artefact_on_cluster(cfg: ExperimentConfig, fewshot_dir: Path, root: Path) -> Path | None:
+    """`ensure_generator_artefact` as one Ray task with a generator actor's resources (a GPU where one is asked)."""
+    r = cfg.resources
+    task = ray.remote(num_cpus=r.cpus_per_generator_actor, num_gpus=r.gpus_per_generator_actor)(
+        _artefact_task)
+    return ray.get(task.remote(cfg, str(fewshot_dir), str(root)))
+
+
+def _artefact_task(cfg: ExperimentConfig, fewshot_dir: str, root: str) -> Path | None:
+    return ensure_generator_artefact(cfg, fewshot_dir, root, _device(cfg.resources.gpus_per_generator_actor),
+                                     log=lambda line: print(line, flush=True))
+
+
+def run_groups_on_ray(cfg: ExperimentConfig, artefact: Path | None, out: Path, groups: list[int], expected: int,
+                      actors: int, log: Log) -> int:
+    """Make `groups` (`expected` images) on a pool of `actors`; return the images written, logging progress."""
+    r = cfg.resources
+    ds = ray.data.from_items([{"group": g} for g in groups], override_num_blocks=max(1, len(groups)))
+    ds = ds.map_batches(
+        GroupGenerator, batch_size=1, batch_format="pandas",
+        fn_constructor_kwargs={"cfg": cfg, "artefact": str(artefact) if artefact else None, "out_dir": str(out),
+                               "cpus": r.cpus_per_generator_actor, "gpus": r.gpus_per_generator_actor},
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=r.cpus_per_generator_actor, num_gpus=r.gpus_per_generator_actor,
+    )
+    written = seen = 0
+    start, last = time.perf_counter(), 0.0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+        seen += len(batch)
+        written += int(batch["written"].sum())
+        now = time.perf_counter() - start
+        if now - last > 10 or seen >= expected:
+            last = now
+            log(f"{seen}/{expected} images done ({written} written), {seen / now:.2f} img/s")
+    return written
+
+
+def run_generation_job(cfg: ExperimentConfig, fewshot_dir: str | Path, root: str | Path, actors: int | None = None,
+                       log: Log = print) -> Path:
+    """Generate the synthetic set of `cfg` on the connected Ray cluster, resuming a partial set; return the manifest.
+
+    Ray must be initialised by the caller (`ray.init(...)`).
+    """
+    fewshot_dir, root = Path(fewshot_dir).resolve(), Path(root).resolve()
+    artefact = ensure_artefact_on_cluster(cfg, fewshot_dir, root)
+    fingerprint = build_generator(cfg.generator, artefact, "cpu").fingerprint
+    key, table = plan_synthetic_set(cfg, fewshot_dir, fingerprint)
+    out = prepare_synthetic_set(root, key, table)
+    groups = missing_groups(table, out)
+    n = actors or cfg.resources.generator_actors
+    log(f"{out}: {len(table)} images in {table['group'].nunique()} groups; {len(groups)} groups to make "
+        f"on {n} actor(s)")
+    if groups:
+        expected = int(table["group"].isin(groups).sum())
+        run_groups_on_ray(cfg, artefact, out, groups, expected, n, log)
+    return finish_synthetic_set(out, table)

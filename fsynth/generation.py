@@ -1,0 +1,117 @@
+"""From a config to a synthetic set, without Ray: the generator artefact, the backend, the prompt table, a direct run.
+
+The Ray Data job (fsynth.generate_job) uses the same pieces and only replaces `run_groups_direct` by an actor pool.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fsynth.config import ExperimentConfig, GeneratorConfig, config_to_dict
+from fsynth.data.registry import get_spec
+from fsynth.errors import FsynthError
+from fsynth.generators import ImageGenerator
+from fsynth.synthetic import (
+    finish_synthetic_set,
+    load_shots,
+    missing_groups,
+    plan_rows,
+    prepare_synthetic_set,
+    run_groups_direct,
+)
+
+Log = Callable[[str], None]
+ARTEFACTS_DIR = "generators"
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+def shots_channels(images) -> int:
+    """1 when every shot is grey (R == G == B everywhere), else 3: the `ddpm` backend models grey data in grey."""
+    return 1 if all(img.mode == "L" or _is_grey(np.asarray(img.convert("RGB"))) for img in images) else 3
+
+
+def _is_grey(a: np.ndarray) -> bool:
+    return bool((a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all())
+
+
+def ddpm_settings(g: GeneratorConfig, shots: int, channels: int) -> dict:
+    """train_ddpm's settings from generator.finetune: epochs over the shots become optimiser steps."""
+    from fsynth.generators.ddpm import training_steps
+
+    f = g.finetune
+    return {"steps": training_steps(f.epochs, shots, f.batch_size), "batch_size": f.batch_size, "lr": f.lr,
+            "weight_decay": f.weight_decay, "warmup_steps": f.warmup_steps, "seed": g.base_seed,
+            "resolution": g.resolution, "channels": channels}
+
+
+def ensure_generator_artefact(cfg: ExperimentConfig, fewshot_dir: str | Path, root: str | Path,
+                              device: str | torch.device = "cpu", log: Log = _quiet) -> Path | None:
+    """The trained/fine-tuned generator the set needs, under root/generators (made once, then reused).
+
+    `ddpm`: the DDPM trained on the shots. `sd`: the DataDream LoRA when generator.finetune.enabled, else None
+    (the base pipeline, or generator.lora_path, is used as it is).
+    """
+    g = cfg.generator
+    out = Path(root).resolve() / ARTEFACTS_DIR
+    if g.backend == "ddpm":
+        from fsynth.generators.ddpm import ensure_ddpm_generator
+
+        images, labels, classnames, digest = load_shots(fewshot_dir)
+        settings = ddpm_settings(g, len(images), shots_channels(images))
+        return ensure_ddpm_generator(images, labels, len(classnames), digest, settings, out, device=device, log=log)
+    if g.finetune.enabled:
+        from fsynth.generators.sd_finetune import ensure_sd_lora
+
+        return ensure_sd_lora(g.model, Path(fewshot_dir) / "manifest.parquet", g, out, dataset=cfg.data.dataset,
+                              domain=get_spec(cfg.data.dataset).domain, device=device, log=log)
+    return None
+
+
+def build_generator(g: GeneratorConfig, artefact: str | Path | None, device: str | torch.device = "cpu"
+                    ) -> ImageGenerator:
+    """The backend of generator config `g`, using the artefact of `ensure_generator_artefact`."""
+    if g.backend == "ddpm":
+        from fsynth.generators.ddpm import DDPMBackend, load_generator
+
+        if artefact is None:
+            raise FsynthError("the ddpm backend needs a trained generator; make it with ensure_generator_artefact")
+        return DDPMBackend(load_generator(artefact), steps=g.steps, device=device)
+    from fsynth.generators.sd import build_sd_generator
+
+    return build_sd_generator(g, device=device, lora_path=str(artefact) if artefact else None)
+
+
+def plan_synthetic_set(cfg: ExperimentConfig, fewshot_dir: str | Path, fingerprint: str
+                       ) -> tuple[dict, pd.DataFrame]:
+    """(the set's address key, its prompt table) for the classes of `fewshot_dir` and a backend fingerprint."""
+    g = cfg.generator
+    info = json.loads((Path(fewshot_dir) / "fewshot.json").read_text())
+    dataset, classnames = info["dataset"], list(info["classnames"])
+    domain = get_spec(dataset).domain
+    key = {"format": "fsynth-synthetic/1", "dataset": dataset, "backend": g.backend, "generator": fingerprint,
+           "classnames": classnames, "domain": domain, "images_per_class": g.images_per_class,
+           "base_seed": g.base_seed, "group_size": g.batch_size, "generator_config": config_to_dict(cfg)["generator"]}
+    table = plan_rows(dataset, classnames, domain, g.images_per_class, g.base_seed, fingerprint, g.batch_size)
+    return key, table
+
+
+def run_generation_direct(cfg: ExperimentConfig, fewshot_dir: str | Path, root: str | Path,
+                          device: str | torch.device = "cpu", log: Log = _quiet) -> Path:
+    """Make the whole synthetic set of `cfg` in this process, resuming a partial one; return its manifest."""
+    artefact = ensure_generator_artefact(cfg, fewshot_dir, root, device, log)
+    generator = build_generator(cfg.generator, artefact, device)
+    key, table = plan_synthetic_set(cfg, fewshot_dir, generator.fingerprint)
+    out = prepare_synthetic_set(root, key, table)
+    groups = missing_groups(table, out)
+    log(f"{out}: {len(table)} images in {table['group'].nunique()} groups, {len(groups)} groups to make")
+    run_groups_direct(generator, table, out, groups, log)
+    return finish_synthetic_set(out, table)
