@@ -53,26 +53,32 @@ def resolve(args: argparse.Namespace) -> ExperimentConfig:
     return cfg
 
 
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
 def run_generate(args: argparse.Namespace) -> Path:
     cfg = resolve(args)
     if args.actors is not None and args.actors < 1:
         from fsynth.errors import ConfigError
 
         raise ConfigError(f"--actors must be at least 1, got {args.actors}")
+    from fsynth.generation import ensure_quality, run_generation_direct
+    from fsynth.loop import pick_device
+
     out = Path(args.out).resolve()
     fewshot = ensure_fewshot(cfg, out / "fewshot")
     if args.direct:
-        from fsynth.generation import run_generation_direct
-        from fsynth.loop import pick_device
-
-        manifest = run_generation_direct(cfg, fewshot, out, pick_device(), log=lambda s: print(s, flush=True))
+        manifest = run_generation_direct(cfg, fewshot, out, pick_device(), log=_print)
     else:
         import ray
 
         from fsynth.generate_job import run_generation_job
 
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, ignore_reinit_error=True)
-        manifest = run_generation_job(cfg, fewshot, out, actors=args.actors, log=lambda s: print(s, flush=True))
+        manifest = run_generation_job(cfg, fewshot, out, actors=args.actors, log=_print)
+    if not args.no_quality:
+        ensure_quality(cfg, fewshot, manifest, pick_device(), log=_print)
     print(f"manifest: {manifest}", flush=True)
     print(f"sample grid: {manifest.parent / 'samples.png'}", flush=True)
     return manifest

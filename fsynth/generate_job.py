@@ -52,17 +52,21 @@ class GroupGenerator:
         return pd.concat(done)[["sample_id", "written"]].reset_index(drop=True)
 
 
-def ensure_artefact_on_cluster(cfg: ExperimentConfig, fewshot_dir: Path, root: Path) -> Path | None:
-    """`ensure_generator_artefact` as one Ray task with a generator actor's resources (a GPU where one is asked)."""
+def ensure_artefact_on_cluster(cfg: ExperimentConfig, fewshot_dir: Path, root: Path) -> tuple[Path | None, str]:
+    """(generator artefact, backend fingerprint), made in one Ray task with a generator actor's resources.
+
+    The backend is built there rather than here: the driver may be a small head node that should not load a
+    Stable Diffusion pipeline just to learn its fingerprint.
+    """
     r = cfg.resources
-    task = ray.remote(num_cpus=r.cpus_per_generator_actor, num_gpus=r.gpus_per_generator_actor)(
-        _artefact_task)
+    task = ray.remote(num_cpus=r.cpus_per_generator_actor, num_gpus=r.gpus_per_generator_actor)(_artefact_task)
     return ray.get(task.remote(cfg, str(fewshot_dir), str(root)))
 
 
-def _artefact_task(cfg: ExperimentConfig, fewshot_dir: str, root: str) -> Path | None:
-    return ensure_generator_artefact(cfg, fewshot_dir, root, _device(cfg.resources.gpus_per_generator_actor),
-                                     log=lambda line: print(line, flush=True))
+def _artefact_task(cfg: ExperimentConfig, fewshot_dir: str, root: str) -> tuple[Path | None, str]:
+    device = _device(cfg.resources.gpus_per_generator_actor)
+    artefact = ensure_generator_artefact(cfg, fewshot_dir, root, device, log=lambda line: print(line, flush=True))
+    return artefact, build_generator(cfg.generator, artefact, device).fingerprint
 
 
 def run_groups_on_ray(cfg: ExperimentConfig, artefact: Path | None, out: Path, groups: list[int], expected: int,
@@ -96,8 +100,7 @@ def run_generation_job(cfg: ExperimentConfig, fewshot_dir: str | Path, root: str
     Ray must be initialised by the caller (`ray.init(...)`).
     """
     fewshot_dir, root = Path(fewshot_dir).resolve(), Path(root).resolve()
-    artefact = ensure_artefact_on_cluster(cfg, fewshot_dir, root)
-    fingerprint = build_generator(cfg.generator, artefact, "cpu").fingerprint
+    artefact, fingerprint = ensure_artefact_on_cluster(cfg, fewshot_dir, root)
     key, table = plan_synthetic_set(cfg, fewshot_dir, fingerprint)
     out = prepare_synthetic_set(root, key, table)
     groups = missing_groups(table, out)

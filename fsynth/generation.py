@@ -115,3 +115,27 @@ def run_generation_direct(cfg: ExperimentConfig, fewshot_dir: str | Path, root: 
     log(f"{out}: {len(table)} images in {table['group'].nunique()} groups, {len(groups)} groups to make")
     run_groups_direct(generator, table, out, groups, log)
     return finish_synthetic_set(out, table)
+
+
+def ensure_quality(cfg: ExperimentConfig, fewshot_dir: str | Path, manifest: str | Path,
+                   device: str | torch.device = "cpu", log: Log = _quiet) -> dict | None:
+    """The set's embedding gap to the real shots (quality.json beside the manifest; measured once).
+
+    None, with the reason logged, when the frozen encoder of cfg.model cannot be built here (e.g. offline
+    hub weights): the set itself stays complete and usable.
+    """
+    from fsynth.errors import FsynthError
+    from fsynth.quality import QUALITY_NAME, load_quality, measure_synthetic_quality, write_quality
+    from fsynth.trainset import load_train_data
+
+    path = Path(manifest).parent / QUALITY_NAME
+    if path.is_file():
+        return load_quality(path)
+    try:
+        metrics = measure_synthetic_quality(cfg, load_train_data(fewshot_dir, manifest), device=device)
+    except FsynthError as exc:
+        log(f"quality: skipped ({exc})")
+        return None
+    write_quality(path.parent, metrics)
+    log("quality: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    return metrics

@@ -1,23 +1,26 @@
-"""The synthetic set: seeds, ids, the prompt table, files and manifest, and the resumable DDPM build."""
+"""The synthetic set on disk: seeds, ids, the prompt table and its groups, set folders, files, manifest, grid."""
 
 import hashlib
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-import fsynth.synthetic as synthetic
 from fsynth.data.fewshot import MANIFEST_COLUMNS
 from fsynth.errors import FsynthError
 from fsynth.synthetic import (
+    PROMPT_COLUMNS,
     SYNTHETIC_COLUMNS,
-    build_ddpm_synthetic_set,
+    finish_synthetic_set,
+    generate_group,
     image_seed,
     load_synthetic_manifest,
+    missing_groups,
     plan_rows,
+    prepare_synthetic_set,
+    run_groups_direct,
     write_synthetic_images,
     write_synthetic_manifest,
 )
@@ -44,8 +47,9 @@ def test_image_seed_is_stable_and_distinct():
 
 
 def test_plan_rows():
-    rows = plan_rows("fashion-mnist", CLASSES, "", 3, 7, "abcd")
-    assert tuple(rows.columns) == SYNTHETIC_COLUMNS and len(rows) == 6
+    rows = plan_rows("fashion-mnist", CLASSES, "", 3, 7, "abcd", group_size=2)
+    assert tuple(rows.columns) == PROMPT_COLUMNS and len(rows) == 6
+    assert list(rows["group"]) == [0, 0, 1, 2, 2, 3]  # slices of one class, the last one short
     assert rows["sample_id"].is_unique
     assert rows["sample_id"].iloc[4] == "synthetic/fashion-mnist/abcd/Ankle boot/00001"
     assert rows["sample_id"].iloc[0] == "synthetic/fashion-mnist/abcd/T-shirt-top/00000"
@@ -72,7 +76,7 @@ def test_write_and_load_round_trip(tmp_path):
         assert np.asarray(img)[0, 0, 0] == 80 and img.text["fsynth:sample_id"] == rows["sample_id"].iloc[2]
     path = write_synthetic_manifest(written, tmp_path)
     assert path == tmp_path.resolve() / "manifest.parquet"
-    pd.testing.assert_frame_equal(load_synthetic_manifest(path), written)
+    pd.testing.assert_frame_equal(load_synthetic_manifest(path), written[list(SYNTHETIC_COLUMNS)])
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
 
 
@@ -85,64 +89,93 @@ def test_load_bad_manifest_is_one_line_error(tmp_path):
         assert "\n" not in str(err.value) and str(path) in str(err.value)
 
 
-def fewshot_manifest(tmp_path):
-    """A tiny real manifest: 2 classes x 2 grey 28x28 PNG shots (split train) and one val row."""
-    rows = []
-    for label, name in enumerate(CLASSES):
-        for i in range(3):
-            path = tmp_path / "real" / f"{label}_{i}.png"
-            path.parent.mkdir(exist_ok=True)
-            Image.fromarray(np.full((28, 28), 60 + 100 * label + 20 * i, np.uint8)).save(path)
-            split = "train" if i < 2 else "val"
-            rows.append((f"toy/{label}_{i}.png", str(path), -1, label, name, "real", split, 1))
-    manifest = tmp_path / "manifest.parquet"
-    pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).to_parquet(manifest)
-    return manifest
 
 
-def test_build_is_resumable(tmp_path, monkeypatch):
-    calls = {"train": 0, "sampled": []}
-    real_train, real_sample = synthetic.train_ddpm, synthetic.sample_images
+class ColourGenerator:
+    """A stand-in backend whose image of a row is a colour computed from its seed; counts the rows it made."""
 
-    def counting_train(*args, **kwargs):
-        calls["train"] += 1
-        return real_train(*args, **kwargs)
+    fingerprint = "colour"
 
-    def counting_sample(gen, labels, seeds, **kwargs):
-        calls["sampled"].extend(seeds)
-        return real_sample(gen, labels, seeds, **kwargs)
+    def __init__(self, fail_after: int | None = None):
+        self.made: list[int] = []
+        self.fail_after = fail_after
 
-    monkeypatch.setattr(synthetic, "train_ddpm", counting_train)
-    monkeypatch.setattr(synthetic, "sample_images", counting_sample)
-    manifest, out = fewshot_manifest(tmp_path), tmp_path / "synth"
-    settings = dict(images_per_class=3, train_steps=2, batch_size=4, lr=1e-3, weight_decay=0.0, warmup_steps=1,
-                    sample_steps=2, seed=0, dataset="fashion-mnist")
+    def generate(self, rows):
+        if self.fail_after is not None and len(self.made) >= self.fail_after:
+            raise KeyboardInterrupt  # what a user's Ctrl-C looks like in the middle of a run
+        self.made.extend(int(s) for s in rows["seed"])
+        return [Image.new("RGB", (8, 8), (int(s) % 251, int(s) % 241, int(s) % 239)) for s in rows["seed"]]
 
-    path = build_ddpm_synthetic_set(manifest, out, **settings)
-    rows = load_synthetic_manifest(path)
-    assert len(rows) == 6 and calls["train"] == 1 and len(calls["sampled"]) == 6
-    assert (out / "generator" / "generator.json").is_file()
-    assert Image.open(rows["path"].iloc[0]).size == (32, 32)
-    before = {p: Image.open(p).tobytes() for p in rows["path"]}
 
-    calls["sampled"].clear()
-    build_ddpm_synthetic_set(manifest, out, **settings)
-    assert calls["train"] == 1 and calls["sampled"] == []  # generator loaded, every image present
+def toy_set(tmp_path, n=5, group_size=2):
+    key = {"dataset": "fashion-mnist", "backend": "colour", "n": n, "group_size": group_size}
+    table = plan_rows("fashion-mnist", CLASSES, "", n, 0, "colour", group_size)
+    return key, table, prepare_synthetic_set(tmp_path, key, table)
 
-    gone, corrupt = rows.iloc[1], rows.iloc[4]
-    (out / "T-shirt-top" / "00001.png").unlink()
-    data = open(corrupt["path"], "rb").read()
-    open(corrupt["path"], "wb").write(data[: len(data) // 2])  # a partial write
-    assert pd.read_parquet(build_ddpm_synthetic_set(manifest, out, **settings)).equals(rows)
-    assert calls["train"] == 1 and sorted(calls["sampled"]) == sorted([gone["seed"], corrupt["seed"]])
-    assert {p: Image.open(p).tobytes() for p in rows["path"]} == before  # same seeds, same images
 
-    with pytest.raises(FsynthError, match="trained on other shots or settings"):
-        build_ddpm_synthetic_set(manifest, out, **{**settings, "train_steps": 3})
+def test_set_folder_is_addressed_and_never_reused_for_other_prompts(tmp_path):
+    key, table, out = toy_set(tmp_path)
+    assert out.parent == tmp_path.resolve() and out.name.startswith("fashion-mnist-colour-")
+    assert json.loads((out / "set.json").read_text()) == key
+    assert prepare_synthetic_set(tmp_path, key, table) == out  # reopened
+    other_key = {**key, "n": 4}
+    assert prepare_synthetic_set(tmp_path, other_key, plan_rows("fashion-mnist", CLASSES, "", 4, 0, "colour", 2)) != out
+    (out / "prompts.parquet").write_bytes(b"")  # replaced below by another table under the same address
+    table.iloc[:3].to_parquet(out / "prompts.parquet")
+    with pytest.raises(FsynthError, match="another prompt table") as err:
+        prepare_synthetic_set(tmp_path, key, table)
+    assert "\n" not in str(err.value)
 
-    # A new generator at the same paths: every old PNG is another generator's image, so all are made again.
-    shutil.rmtree(out / "generator")
-    calls["sampled"].clear()
-    new_rows = load_synthetic_manifest(build_ddpm_synthetic_set(manifest, out, **{**settings, "train_steps": 3}))
-    assert calls["train"] == 2 and len(calls["sampled"]) == 6
-    assert set(new_rows["generator"]) != set(rows["generator"]) and list(new_rows["path"]) == list(rows["path"])
+
+def test_interrupted_run_resumes_with_exactly_the_missing_images(tmp_path):
+    key, table, out = toy_set(tmp_path)
+    groups = missing_groups(table, out)
+    assert groups == sorted(table["group"].unique())
+    with pytest.raises(KeyboardInterrupt):
+        run_groups_direct(ColourGenerator(fail_after=4), table, out, groups)
+    assert missing_groups(table, out) == groups[2:]  # two whole groups (4 images) were written before the stop
+    corrupt = out / "T-shirt-top" / "00003.png"
+    corrupt.write_bytes(corrupt.read_bytes()[:40])  # a partial write
+    kept = {p: p.stat().st_mtime_ns for p in out.rglob("*.png") if p != corrupt}
+    resumed = ColourGenerator()
+    assert run_groups_direct(resumed, table, out, missing_groups(table, out)) == 7  # the corrupt one + 6 missing
+    assert sorted(resumed.made) == sorted(table["seed"].iloc[2:])  # whole groups: 1 (corrupt) and 2..5
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # nothing valid is rewritten
+
+    fresh_dir = tmp_path / "fresh"
+    _, _, fresh = toy_set(fresh_dir)
+    run_groups_direct(ColourGenerator(), table, fresh, missing_groups(table, fresh))
+    for sid in table["sample_id"]:
+        name = "/".join(sid.split("/")[-2:]) + ".png"
+        assert (out / name).read_bytes() == (fresh / name).read_bytes()
+
+
+def test_generate_group_writes_only_invalid_images(tmp_path):
+    _, table, out = toy_set(tmp_path)
+    rows = table[table["group"] == 0]
+    first = generate_group(ColourGenerator(), rows, out)
+    assert list(first["written"]) == [True, True]
+    again = generate_group(ColourGenerator(), rows, out)
+    assert list(again["written"]) == [False, False] and list(again["path"]) == list(first["path"])
+
+    class Short(ColourGenerator):
+        def generate(self, rows):
+            return super().generate(rows)[:-1]
+
+    with pytest.raises(FsynthError, match="one image per row"):
+        generate_group(Short(), table[table["group"] == 1], out)
+
+
+def test_finish_writes_manifest_joined_to_files_and_a_grid(tmp_path):
+    _, table, out = toy_set(tmp_path)
+    with pytest.raises(FsynthError, match="run the same command again") as err:
+        finish_synthetic_set(out, table)
+    assert "\n" not in str(err.value)
+    run_groups_direct(ColourGenerator(), table, out, missing_groups(table, out))
+    manifest = load_synthetic_manifest(finish_synthetic_set(out, table, grid_per_class=4))
+    assert tuple(manifest.columns) == SYNTHETIC_COLUMNS and len(manifest) == 10
+    for row in manifest.itertuples():
+        with Image.open(row.path) as img:
+            assert img.text["fsynth:sample_id"] == row.sample_id
+    with Image.open(out / "samples.png") as grid:
+        assert grid.size == (4 * 64, 2 * 64)

@@ -1,4 +1,4 @@
-"""Randomly initialised Stable Diffusion pipelines written to disk: a tiny one for tests, a real-size one for benchmarks.
+"""Random-weight Stable Diffusion pipelines written to disk: a tiny one for tests, a real-size one for benchmarks.
 
 Both are ordinary diffusers pipeline folders (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
 scheduler/), so the `sd` backend loads them through its real loading code. The tokenizer is built offline from
@@ -12,6 +12,7 @@ import gzip
 import json
 import os
 import shutil
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -93,8 +94,7 @@ def _components(size: str) -> dict:
 
 def build_random_sd(size: str = "tiny", seed: int = 0, scheduler: str = "ddim"):
     """A StableDiffusionPipeline with random weights (seeded; the caller's global RNG is left untouched)."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     parts = _components(size)
@@ -109,8 +109,6 @@ def build_random_sd(size: str = "tiny", seed: int = 0, scheduler: str = "ddim"):
                     clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     sched = DDIMScheduler(**schedule) if scheduler == "ddim" else PNDMScheduler(
         skip_prk_steps=True, **{k: v for k, v in schedule.items() if k != "clip_sample"})
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_clip_tokenizer(tmp)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
