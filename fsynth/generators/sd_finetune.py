@@ -26,7 +26,6 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,10 +37,10 @@ from PIL import Image, ImageOps
 from fsynth.config import GeneratorConfig, GeneratorFinetuneConfig
 from fsynth.data.fewshot import folder_name
 from fsynth.errors import FsynthError
+from fsynth.generators.sd import folder_digest, load_sd_pipeline, model_folder, resolve_device
 from fsynth.prompts import generation_prompt
 
 if TYPE_CHECKING:
-    import pandas as pd
     from diffusers import StableDiffusionPipeline
 
 FORMAT = "fsynth-sd-lora/1"
@@ -52,7 +51,7 @@ ADAPTER = "fsynth"
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 ALL_CLASSES = "all"  # the loss key of a per-dataset LoRA
-_SETTINGS_FIX = "set --set generator.finetune.{key}=N with a positive N"
+_SETTINGS_FIX = "pass --set generator.finetune.{key}=N with a positive N"
 
 
 @dataclass
@@ -101,18 +100,6 @@ def _token_ids(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
-def load_pipeline(path: str | Path) -> StableDiffusionPipeline:
-    """The float32 StableDiffusionPipeline in the local diffusers folder `path` (no safety checker)."""
-    from diffusers import StableDiffusionPipeline
-
-    folder = Path(path)
-    if not (folder / "model_index.json").is_file():
-        raise FsynthError(f"no Stable Diffusion pipeline at {folder} (no model_index.json); set generator.model "
-                          "to a diffusers pipeline folder or a Hugging Face id that is in the local cache")
-    return StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False)
-
-
 def _add_lora(pipe: StableDiffusionPipeline, rank: int, seed: int) -> list[torch.nn.Parameter]:
     """Freeze the pipeline, add the `fsynth` LoRA adapter (seeded init) to UNet and text encoder; return its params.
 
@@ -154,11 +141,8 @@ def _batch_loss(m: _Models, pixels: torch.Tensor, ids: torch.Tensor, rng: torch.
     # Draws come from the CPU generator, so a seed gives the same run on any device.
     noise = torch.randn(latents.shape, generator=rng).to(m.device)
     t = torch.randint(0, m.noise.config.num_train_timesteps, (b,), generator=rng).to(m.device)
-    kind = m.noise.config.prediction_type
-    if kind not in ("epsilon", "v_prediction"):
-        raise FsynthError(f"cannot fine-tune a scheduler with prediction_type '{kind}'; use an epsilon or "
-                          "v_prediction Stable Diffusion model")
-    target = noise if kind == "epsilon" else m.noise.get_velocity(latents, noise, t)
+    v_pred = m.noise.config.prediction_type == "v_prediction"  # SD 2.x 768 px; 2.1-base predicts epsilon
+    target = m.noise.get_velocity(latents, noise, t) if v_pred else noise
     with _autocast(m):
         hidden = m.text_encoder(ids.to(m.device))[0]  # [B, L, D]
         pred = m.unet(m.noise.add_noise(latents, noise, t), t, encoder_hidden_states=hidden).sample
@@ -221,11 +205,17 @@ def finetune_sd_lora(
                           f"{len(prompts)} prompts); check the few-shot manifest's 'train' rows")
     from diffusers import DDPMScheduler
 
-    pipe = load_pipeline(pipe_or_path) if isinstance(pipe_or_path, (str, Path)) else pipe_or_path
     dev = torch.device(device)
-    params = _add_lora(pipe.to(dev), rank, seed)
-    m = _Models(pipe.unet.train(), pipe.text_encoder.train(), pipe.vae.eval(),
-                DDPMScheduler.from_config(pipe.scheduler.config), dev, precision)
+    if isinstance(pipe_or_path, (str, Path)):
+        pipe = load_sd_pipeline(str(pipe_or_path), "float32", "", dev)
+    else:
+        pipe = pipe_or_path.to(dev)
+    params = _add_lora(pipe, rank, seed)
+    noise = DDPMScheduler.from_config(pipe.scheduler.config)
+    if noise.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise FsynthError(f"cannot fine-tune a model with prediction_type '{noise.config.prediction_type}'; "
+                          "use an epsilon or v_prediction Stable Diffusion model")
+    m = _Models(pipe.unet.train(), pipe.text_encoder.train(), pipe.vae.eval(), noise, dev, precision)
     pixels, ids = shots_to_pixels(images, resolution), _token_ids(pipe.tokenizer, prompts)
     with torch.random.fork_rng(devices=[]):
         history = _train(m, params, pixels, ids, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
@@ -253,51 +243,6 @@ def save_sd_lora(result: LoraResult, directory: str | Path) -> Path:
 # ---- the cached artefact -------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=16)
-def _digest_files(listing: tuple[tuple[str, int, int], ...], root: str) -> str:
-    digest = hashlib.sha256()
-    for rel, _, _ in listing:
-        digest.update(rel.encode() + b"\0")
-        with open(Path(root) / rel, "rb") as fh:
-            digest.update(hashlib.file_digest(fh, "sha256").digest())
-    return digest.hexdigest()[:16]
-
-
-def pipeline_digest(path: str | Path) -> str:
-    """16 hex of sha256 over model_index.json and the files of the components it names (paths and contents).
-
-    Hashing a 5 GB pipeline takes seconds, so the result is remembered per (path, sizes, mtimes) in the process.
-    """
-    root = Path(path).resolve()
-    try:
-        index = json.loads((root / "model_index.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise FsynthError(f"cannot read {root / 'model_index.json'} ({exc}); set generator.model to a diffusers "
-                          "Stable Diffusion folder") from None
-    parts = [root / "model_index.json"] + sorted(
-        f for name, value in index.items() if not name.startswith("_") and isinstance(value, list) and value[0]
-        for f in (root / name).rglob("*") if f.is_file() and not f.name.startswith("."))
-    listing = tuple((f.relative_to(root).as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in parts)
-    return _digest_files(listing, str(root))
-
-
-def resolve_base_model(base_model: str) -> Path:
-    """A local pipeline folder, or the cached snapshot of a Hugging Face id (never downloads)."""
-    path = Path(base_model).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    fix = (f"base model '{base_model}' is neither a local folder nor in the Hugging Face cache; set "
-           "generator.model to a diffusers pipeline folder or run `huggingface-cli download` for it first")
-    if base_model.count("/") != 1 or path.is_absolute():
-        raise FsynthError(fix)
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(base_model, local_files_only=True))
-    except Exception:  # noqa: BLE001 - any hub failure means "not available offline"
-        raise FsynthError(fix) from None
-
-
 @dataclass(frozen=True)
 class LoraPlan:
     """Everything `ensure_sd_lora` needs, picklable for remote tasks: where, what to train, and finetune.json."""
@@ -314,42 +259,49 @@ class LoraPlan:
 
     def units(self) -> list[str]:
         """The LoRAs to train: ["all"] for per_dataset, the class names for per_class."""
-        return list(self.info["classes"]) if self.info["scope"] == "per_class" else [ALL_CLASSES]
+        return list(self.info["classes"]) if self.per_class else [ALL_CLASSES]
+
+    @property
+    def per_class(self) -> bool:
+        return self.info["scope"] == "per_class"
 
     def unit_dir(self, unit: str, root: Path | None = None) -> Path:
+        """Where a LoRA's weights go: the staging (or `root`) folder itself, or its class subfolder."""
         base = self.staging if root is None else root
-        return base if unit == ALL_CLASSES else base / folder_name(unit)
+        return base / folder_name(unit) if self.per_class else base
 
 
 def _read_shots(fewshot_manifest: str | Path) -> tuple[list[Image.Image], list[str], list[str], str]:
-    """(shot images, class of each, all class names in label order, digest of the shot ids)."""
-    from fsynth.data.fewshot import load_manifest
-    from fsynth.synthetic import _classnames, _shots  # imported here: fsynth.synthetic may import this module
+    """(shot images sorted by id, class of each, all class names in label order, 16-hex digest of the shot ids)."""
+    from fsynth.synthetic import load_shots  # imported here: fsynth.synthetic's callers may import this module
 
-    manifest: pd.DataFrame = load_manifest(fewshot_manifest)
-    classes = _classnames(manifest, fewshot_manifest)
-    images, labels, digest = _shots(manifest, fewshot_manifest)
-    return images, [classes[y] for y in labels], classes, digest
+    path = Path(fewshot_manifest)
+    images, labels, classes, digest = load_shots(path.parent if path.suffix == ".parquet" else path)
+    return images, [classes[y] for y in labels], classes, digest[:16]
 
 
 def plan_sd_lora(base_model: str, fewshot_manifest: str | Path, gcfg: GeneratorConfig, out_root: str | Path, *,
-                 dataset: str, domain: str, device: str | None = None) -> LoraPlan:
-    """Check the settings, read the shots and name the content-addressed folder (hash of all that decides it)."""
+                 dataset: str, domain: str, device: str | torch.device | None = None) -> LoraPlan:
+    """Check the settings, read the shots and name the content-addressed folder (hash of all that decides it).
+
+    The address covers the base model's content digest, the shot ids, the finetune settings, resolution, seed,
+    domain and class names; not the device (cuda when there is one: bfloat16 autocast there, float32 on CPU).
+    """
     ft: GeneratorFinetuneConfig = gcfg.finetune
     _check_settings(rank=ft.lora_rank, lr=ft.lr, batch_size=ft.batch_size, epochs=ft.epochs,
                     warmup_steps=ft.warmup_steps)
-    base = resolve_base_model(base_model)
+    base = model_folder(base_model)  # a local folder, or a hub id's cached snapshot (never downloads)
     images, names, classes, shots_digest = _read_shots(fewshot_manifest)
     finetune = {k: v for k, v in dataclasses.asdict(ft).items() if k not in ("enabled", "scope")}
-    info = {"format": FORMAT, "scope": ft.scope, "base_model": str(base_model), "base_digest": pipeline_digest(base),
+    info = {"format": FORMAT, "scope": ft.scope, "base_model": str(base_model), "base_digest": folder_digest(base)[:16],
             "finetune": finetune, "resolution": gcfg.resolution, "seed": gcfg.base_seed, "domain": domain,
             "shots_digest": shots_digest, "classes": classes}
     key = {k: v for k, v in info.items() if k != "base_model"}  # the content, not where it was found
     name = f"{dataset}-lora-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}"
     root = Path(out_root).resolve()
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     return LoraPlan(root / name, root / f".{name}.partial", base, info, tuple(images), tuple(names), domain,
-                    "bfloat16" if torch.device(dev).type == "cuda" else "float32", dev)
+                    "bfloat16" if dev.type == "cuda" else "float32", str(dev))
 
 
 def _unit_done(folder: Path) -> bool:
@@ -365,15 +317,20 @@ def _write_json(path: Path, payload: dict) -> None:
 def finetune_one_class(plan: LoraPlan, unit: str, *, log: Callable[[str], None] | None = None) -> Path:
     """Train and save one LoRA of the plan (a class name, or "all" for per_dataset) into the staging folder.
 
-    Reuses a finished one. Safe to run for different classes at once (remote tasks); two runs of the same class
-    both train, and the first to finish wins.
+    Reuses a finished one. For parallel classes (e.g. remote tasks): `plan = plan_sd_lora(...)`, then
+    `finetune_one_class(plan, c)` for each c in `plan.units()` anywhere that sees `out_root`, then
+    `finish_sd_lora(plan)`. Safe to run for different classes at once; two runs of the same class both train,
+    and the first to finish wins.
     """
     log = log or (lambda _msg: None)
+    if _complete(plan, plan.final):
+        log(f"reusing LoRA '{unit}' in {plan.final}")
+        return plan.unit_dir(unit, plan.final)
     target = plan.unit_dir(unit)
     if _unit_done(target):
         log(f"reusing LoRA '{unit}' in {target}")
         return target
-    pick = [i for i, c in enumerate(plan.class_names) if unit in (ALL_CLASSES, c)]
+    pick = [i for i, c in enumerate(plan.class_names) if not plan.per_class or c == unit]
     if not pick:
         raise FsynthError(f"class '{unit}' has no shots in the few-shot manifest; prepare the shots again")
     ft, start = plan.info["finetune"], time.perf_counter()
@@ -393,7 +350,7 @@ def _store_unit(result: LoraResult, plan: LoraPlan, unit: str) -> None:
     """Weights + losses.json into the unit's staging folder: a class folder appears whole, or not at all."""
     plan.staging.mkdir(parents=True, exist_ok=True)
     target = plan.unit_dir(unit)
-    work = target if unit == ALL_CLASSES else plan.staging / f".{target.name}.{os.getpid()}.tmp"
+    work = plan.staging / f".{target.name}.{os.getpid()}.tmp" if plan.per_class else target
     work.mkdir(parents=True, exist_ok=True)
     _write_json(work / LOSSES_FILE, {"steps": result.steps, "history": result.history})
     save_sd_lora(result, work)  # written last: its presence marks the unit done
@@ -413,27 +370,37 @@ def _complete(plan: LoraPlan, folder: Path) -> bool:
                                                 for u in plan.units())
 
 
-def finish_sd_lora(plan: LoraPlan) -> Path:
-    """Write finetune.json into the staging folder (all LoRAs must be there) and rename it to the final folder."""
+def _unit_losses(plan: LoraPlan) -> dict[str, list[float]]:
+    """{unit: [first loss, last loss]} from each staged LoRA's losses.json; FsynthError if one is missing."""
     losses = {}
     for unit in plan.units():
         if not _unit_done(plan.unit_dir(unit)):
             raise FsynthError(f"LoRA '{unit}' of {plan.final.name} is not trained yet; run finetune_one_class for it")
         history = json.loads((plan.unit_dir(unit) / LOSSES_FILE).read_text())["history"]
         losses[unit] = [history[0], history[-1]]
-    _write_json(plan.staging / INFO_FILE, {**plan.info, "losses": losses})
+    return losses
+
+
+def finish_sd_lora(plan: LoraPlan) -> Path:
+    """Write finetune.json into the staging folder (all LoRAs must be there) and rename it to the final folder."""
+    if _complete(plan, plan.final):
+        return plan.final
     try:
+        _write_json(plan.staging / INFO_FILE, {**plan.info, "losses": _unit_losses(plan)})
         os.replace(plan.staging, plan.final)
-    except OSError:  # another process got there first (or a stale final folder is in the way)
-        if not _complete(plan, plan.final):
-            raise FsynthError(f"cannot move {plan.staging} to {plan.final}: that folder exists but is incomplete; "
-                              "delete it and run again") from None
-        shutil.rmtree(plan.staging, ignore_errors=True)
+    except (OSError, FsynthError) as exc:  # another process may have finished it first: then use theirs
+        if _complete(plan, plan.final):
+            shutil.rmtree(plan.staging, ignore_errors=True)
+            return plan.final
+        if isinstance(exc, FsynthError):
+            raise
+        raise FsynthError(f"cannot move {plan.staging} to {plan.final} ({exc.strerror}); delete {plan.final} if "
+                          "it is left from an old run, and run again") from None
     return plan.final
 
 
 def ensure_sd_lora(base_model: str, fewshot_manifest: str | Path, gcfg: GeneratorConfig, out_root: str | Path, *,
-                   dataset: str, domain: str, device: str | None = None,
+                   dataset: str, domain: str, device: str | torch.device | None = None,
                    log: Callable[[str], None] | None = None) -> Path:
     """The fine-tuned LoRA folder for these shots and settings: reused when complete, else trained and written.
 
