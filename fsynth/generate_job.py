@@ -17,7 +17,7 @@ import ray.data
 import torch
 
 from fsynth.config import ExperimentConfig
-from fsynth.generation import build_generator, ensure_generator_artefact, plan_synthetic_set
+from fsynth.generation import build_generator, ensure_generator_artefact, lora_arguments, plan_synthetic_set
 from fsynth.synthetic import (
     PROMPTS_NAME,
     finish_synthetic_set,
@@ -59,8 +59,26 @@ def ensure_artefact_on_cluster(cfg: ExperimentConfig, fewshot_dir: Path, root: P
     Stable Diffusion pipeline just to learn its fingerprint.
     """
     r = cfg.resources
-    task = ray.remote(num_cpus=r.cpus_per_generator_actor, num_gpus=r.gpus_per_generator_actor)(_artefact_task)
-    return ray.get(task.remote(cfg, str(fewshot_dir), str(root)))
+    on_worker = ray.remote(num_cpus=r.cpus_per_generator_actor, num_gpus=r.gpus_per_generator_actor)
+    f = cfg.generator.finetune
+    if cfg.generator.backend == "sd" and f.enabled and f.scope == "per_class":
+        # One task per class at once; the artefact task below then finds them done and only assembles them.
+        plan = ray.get(on_worker(_lora_plan_task).remote(cfg, str(fewshot_dir), str(root)))
+        ray.get([on_worker(_lora_class_task).remote(plan, unit) for unit in plan.units()])
+    return ray.get(on_worker(_artefact_task).remote(cfg, str(fewshot_dir), str(root)))
+
+
+def _lora_plan_task(cfg: ExperimentConfig, fewshot_dir: str, root: str):
+    from fsynth.generators.sd_finetune import plan_sd_lora
+
+    device = _device(cfg.resources.gpus_per_generator_actor)
+    return plan_sd_lora(**lora_arguments(cfg, fewshot_dir, root), device=device)
+
+
+def _lora_class_task(plan, unit: str) -> str:
+    from fsynth.generators.sd_finetune import finetune_one_class
+
+    return str(finetune_one_class(plan, unit, log=lambda line: print(line, flush=True)))
 
 
 def _artefact_task(cfg: ExperimentConfig, fewshot_dir: str, root: str) -> tuple[Path | None, str]:

@@ -71,9 +71,15 @@ def ensure_generator_artefact(cfg: ExperimentConfig, fewshot_dir: str | Path, ro
     if g.finetune.enabled:
         from fsynth.generators.sd_finetune import ensure_sd_lora
 
-        return ensure_sd_lora(g.model, Path(fewshot_dir) / "manifest.parquet", g, out, dataset=cfg.data.dataset,
-                              domain=get_spec(cfg.data.dataset).domain, device=device, log=log)
+        return ensure_sd_lora(**lora_arguments(cfg, fewshot_dir, root), device=device, log=log)
     return None
+
+
+def lora_arguments(cfg: ExperimentConfig, fewshot_dir: str | Path, root: str | Path) -> dict:
+    """The keyword arguments of sd_finetune's ensure_sd_lora / plan_sd_lora for this config (LoRAs under root)."""
+    return {"base_model": cfg.generator.model, "fewshot_manifest": Path(fewshot_dir) / "manifest.parquet",
+            "gcfg": cfg.generator, "out_root": Path(root).resolve() / ARTEFACTS_DIR, "dataset": cfg.data.dataset,
+            "domain": get_spec(cfg.data.dataset).domain}
 
 
 def build_generator(g: GeneratorConfig, artefact: str | Path | None, device: str | torch.device = "cpu"
