@@ -28,7 +28,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -171,7 +171,8 @@ def _from_pretrained(source: str | Path, torch_dtype: torch.dtype, hub: bool) ->
         except (OSError, ValueError):
             pass  # partly cached: let the normal path download what is missing
     try:
-        return StableDiffusionPipeline.from_pretrained(source, **kwargs)
+        with _quiet() if hub else nullcontext():  # the hub client logs its failures; ours is the one line
+            return StableDiffusionPipeline.from_pretrained(source, **kwargs)
     except Exception as exc:  # noqa: BLE001 - hub and loader errors have no common base; all become one line
         if hub:
             raise _hub_error(str(source), exc) from None
