@@ -17,6 +17,7 @@ import ray.data
 import torch
 
 from fsynth.config import ExperimentConfig
+from fsynth.errors import ConfigError
 from fsynth.generation import build_generator, ensure_generator_artefact, lora_arguments, plan_synthetic_set
 from fsynth.synthetic import (
     PROMPTS_NAME,
@@ -82,6 +83,7 @@ def _lora_class_task(plan, unit: str) -> str:
 
 
 def _artefact_task(cfg: ExperimentConfig, fewshot_dir: str, root: str) -> tuple[Path | None, str]:
+    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_generator_actor)))
     device = _device(cfg.resources.gpus_per_generator_actor)
     artefact = ensure_generator_artefact(cfg, fewshot_dir, root, device, log=lambda line: print(line, flush=True))
     return artefact, build_generator(cfg.generator, artefact, device).fingerprint
@@ -111,6 +113,17 @@ def run_groups_on_ray(cfg: ExperimentConfig, artefact: Path | None, out: Path, g
     return written
 
 
+def check_cluster_fits(cfg: ExperimentConfig, actors: int) -> None:
+    """Fail in one line when the actor pool can never start on this cluster (Ray would wait for it forever)."""
+    r, have = cfg.resources, ray.cluster_resources()
+    for kind, each, key in (("CPU", r.cpus_per_generator_actor, "cpus"), ("GPU", r.gpus_per_generator_actor, "gpus")):
+        if each * actors > have.get(kind, 0.0):
+            raise ConfigError(
+                f"{actors} generator actor(s) x {each:g} {kind} need {each * actors:g} {kind}s but the Ray cluster "
+                f"has {have.get(kind, 0.0):g}; use --actors N or --set resources.{key}_per_generator_actor=X"
+                + (" (0 generates on CPUs)" if kind == "GPU" else ""))
+
+
 def run_generation_job(cfg: ExperimentConfig, fewshot_dir: str | Path, root: str | Path, actors: int | None = None,
                        log: Log = print) -> Path:
     """Generate the synthetic set of `cfg` on the connected Ray cluster, resuming a partial set; return the manifest.
@@ -118,11 +131,12 @@ def run_generation_job(cfg: ExperimentConfig, fewshot_dir: str | Path, root: str
     Ray must be initialised by the caller (`ray.init(...)`).
     """
     fewshot_dir, root = Path(fewshot_dir).resolve(), Path(root).resolve()
+    n = actors or cfg.resources.generator_actors
+    check_cluster_fits(cfg, n)
     artefact, fingerprint = ensure_artefact_on_cluster(cfg, fewshot_dir, root)
     key, table = plan_synthetic_set(cfg, fewshot_dir, fingerprint)
     out = prepare_synthetic_set(root, key, table)
     groups = missing_groups(table, out)
-    n = actors or cfg.resources.generator_actors
     log(f"{out}: {len(table)} images in {table['group'].nunique()} groups; {len(groups)} groups to make "
         f"on {n} actor(s)")
     if groups:

@@ -10,7 +10,8 @@ from tests.data.fake_roots import make_root
 
 TOY = ["--set", "data.shots=2", "--set", "data.val_per_class=1", "--set", "generator.batch_size=2",
        "--set", "generator.steps=2", "--set", "generator.resolution=16", "--set", "generator.finetune.epochs=2",
-       "--set", "generator.finetune.batch_size=4", "--set", "model.image_size=32"]
+       "--set", "generator.finetune.batch_size=4", "--set", "model.image_size=32",
+        "--set", "resources.cpus_per_generator_actor=1"]
 
 
 def run(*args, cwd):

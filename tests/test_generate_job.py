@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 TOY = ["data.shots=2", "data.val_per_class=1", "generator.images_per_class=3", "generator.batch_size=2",
        "generator.steps=2", "generator.resolution=16", "generator.finetune.epochs=2",
-       "generator.finetune.batch_size=4"]
+       "generator.finetune.batch_size=4", "resources.cpus_per_generator_actor=1"]
 
 
 def tiny_sd_overrides(model_dir) -> list[str]:
@@ -106,3 +106,16 @@ def test_per_class_lora_fine_tuning_runs_as_parallel_tasks_then_generates(ray_lo
     plain = load_synthetic_manifest(run_generation_direct(base, fewshot, tmp_path / "plain"))
     assert set(plain["generator"]) != set(rows["generator"])  # the LoRA is part of the generator's identity
     assert pixels(run_generation_direct(cfg, fewshot, tmp_path / "synthetic")) == pixels(manifest)
+
+
+def test_an_actor_pool_that_cannot_fit_is_a_one_line_error(ray_local):
+    from fsynth.errors import ConfigError
+    from fsynth.generate_job import check_cluster_fits
+
+    check_cluster_fits(build_config("embedded", overrides=["resources.cpus_per_generator_actor=1"]), 2)
+    cases = [(build_config("lightweight"), 1, "need 1 GPUs but the Ray cluster has 0"),
+             (build_config("embedded"), 2, "2 generator actor\\(s\\) x 2 CPU need 4 CPUs")]
+    for cfg, actors, expected in cases:
+        with pytest.raises(ConfigError, match=expected) as err:
+            check_cluster_fits(cfg, actors)
+        assert "\n" not in str(err.value)
