@@ -125,18 +125,20 @@ def run_generation_direct(cfg: ExperimentConfig, fewshot_dir: str | Path, root: 
 
 def ensure_quality(cfg: ExperimentConfig, fewshot_dir: str | Path, manifest: str | Path,
                    device: str | torch.device = "cpu", log: Log = _quiet) -> dict | None:
-    """The set's embedding gap to the real shots (quality.json beside the manifest; measured once).
+    """The set's embedding gap to the real shots (quality.json beside the manifest; measured once per encoder).
 
     None, with the reason logged, when the frozen encoder of cfg.model cannot be built here (e.g. offline
     hub weights): the set itself stays complete and usable.
     """
     from fsynth.errors import FsynthError
-    from fsynth.quality import QUALITY_NAME, load_quality, measure_synthetic_quality, write_quality
+    from fsynth.quality import QUALITY_NAME, encoder_name, load_quality, measure_synthetic_quality, write_quality
     from fsynth.trainset import load_train_data
 
     path = Path(manifest).parent / QUALITY_NAME
     if path.is_file():
-        return load_quality(path)
+        stored = load_quality(path)
+        if stored.get("encoder") == encoder_name(cfg):
+            return stored
     try:
         metrics = measure_synthetic_quality(cfg, load_train_data(fewshot_dir, manifest), device=device)
     except FsynthError as exc:

@@ -80,9 +80,18 @@ def run_train(args: argparse.Namespace) -> FitResult:
     print(f"final adapters: {result.checkpoint}")
     summary = {"dataset": data.dataset, "baseline": cfg.name, "synthetic": synthetic, "best_epoch": result.best_epoch,
                "val_accuracy": result.best_val_accuracy, "test_accuracy": result.test.accuracy,
-               "test_count": result.test.count, "history": result.history}
+               "test_count": result.test.count, "history": result.history,
+               "synthetic_quality": synthetic_quality(synthetic)}
     (workdir / "result.json").write_text(json.dumps(summary, indent=2))
     return result
+
+
+def synthetic_quality(manifest: str | None) -> dict | None:
+    """The quality.json `python -m fsynth.generate` wrote beside a synthetic manifest, if there is one."""
+    from fsynth.quality import QUALITY_NAME, load_quality
+
+    path = Path(manifest).parent / QUALITY_NAME if manifest else None
+    return load_quality(path) if path is not None and path.is_file() else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

