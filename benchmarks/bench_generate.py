@@ -95,7 +95,7 @@ def run_mode(mode: str, cfg, artefact, table, out: Path, threads: int) -> float:
 
 def measure(args, cfg, artefact, tmp: Path) -> dict:
     """{(mode, N): seconds}, modes interleaved per size so that machine load hits them alike."""
-    names = list(get_spec("fashion-mnist").classnames)
+    names = list(get_spec("fashion-mnist").classnames())
     times, reference = {}, {}
     for n in args.images:
         table = plan_rows("bench", names, "", n // len(names), 0, "bench", args.group)

@@ -43,8 +43,12 @@ def test_ray_job_prints_the_manifest_and_measures_quality(fashion, tmp_path):
     assert f"manifest: {manifest[0]}" in again.stdout
 
 
-def test_direct_mode_with_the_sd_backend_on_a_local_pipeline(fashion, tmp_path):
-    tiny = write_random_sd(tmp_path / "tiny-sd", "tiny")
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_random_sd(tmp_path_factory.mktemp("sd") / "tiny-sd", "tiny")
+
+
+def test_direct_mode_with_the_sd_backend_on_a_local_pipeline(fashion, tiny, tmp_path):
     result = run("--dataset", "fashion-mnist", "--root", str(fashion), "--images-per-class", "1", "--backend", "sd",
                  "--direct", "--no-quality", "--out", str(tmp_path / "out"), "--set", f"generator.model={tiny}",
                  "--set", "generator.resolution=32", "--set", "generator.dtype=float32",
@@ -55,12 +59,16 @@ def test_direct_mode_with_the_sd_backend_on_a_local_pipeline(fashion, tmp_path):
     assert "fashion-mnist-sd-" in result.stdout and "quality:" not in result.stdout
 
 
-def test_bad_input_is_one_line_and_status_2(fashion, tmp_path):
+def test_bad_input_is_one_line_and_status_2(fashion, tiny, tmp_path):
     base = ["--dataset", "fashion-mnist", "--root", str(fashion), "--out", str(tmp_path / "out"), "--direct",
             "--set", "data.shots=2", "--set", "data.val_per_class=1"]
     sd = ["--backend", "sd", "--set", "generator.finetune.enabled=false", "--set", "generator.dtype=float32"]
+    not_a_lora = tmp_path / "lora.safetensors"
+    not_a_lora.write_bytes(b"this is not a safetensors file")
     cases = [
         (["--images-per-class", "0"], "generator.images_per_class must be at least 1"),
+        ([*sd, "--set", f"generator.model={tiny}", "--set", f"generator.lora_path={not_a_lora}",
+          "--set", "generator.resolution=32"], str(not_a_lora)),
         ([*sd, "--set", f"generator.model={tmp_path / 'no-such-model'}"], "does not exist"),
         ([*sd, "--set", "generator.model=nobody/not-a-cached-model"], "nobody/not-a-cached-model"),
         (["--set", "generator.backend=dalle"], "must be one of 'sd', 'ddpm'"),

@@ -36,15 +36,16 @@ def data(tmp_path_factory):
     return tmp, root, write_random_sd(tmp / "tiny-sd", "tiny")
 
 
-@pytest.fixture(scope="module", params=["sd", "ddpm"])
-def toy(request, data):
-    """(config, few-shot folder, {sample id: pixels} of the direct run) for one backend."""
+@pytest.fixture(scope="module")
+def toy(data):
+    """(config, few-shot folder, {sample id: pixels} of the direct run) for the tiny sd pipeline.
+
+    The ddpm backend goes through the same job in tests/test_generate.py (the CLI, one actor).
+    """
     tmp, root, tiny_sd = data
-    extra = tiny_sd_overrides(tiny_sd) if request.param == "sd" else []
-    cfg = build_config("embedded", overrides=[*TOY, *extra], extra={"data": {"root": str(root)}})
+    cfg = build_config("embedded", overrides=[*TOY, *tiny_sd_overrides(tiny_sd)], extra={"data": {"root": str(root)}})
     fewshot = ensure_fewshot(cfg, tmp / "fewshot")
-    direct = run_generation_direct(cfg, fewshot, tmp / f"direct-{request.param}")
-    return cfg, fewshot, pixels(direct)
+    return cfg, fewshot, pixels(run_generation_direct(cfg, fewshot, tmp / "direct"))
 
 
 def pixels(manifest) -> dict[str, bytes]:
@@ -55,8 +56,6 @@ def pixels(manifest) -> dict[str, bytes]:
 @pytest.mark.parametrize("actors", [1, 2])
 def test_actor_pool_makes_the_direct_run_s_images(ray_local, toy, tmp_path, actors):
     cfg, fewshot, direct = toy
-    if cfg.generator.backend == "ddpm" and actors == 1:
-        pytest.skip("one pool size is enough for the second backend")
     lines = []
     manifest = run_generation_job(cfg, fewshot, tmp_path, actors=actors, log=lines.append)
     assert pixels(manifest) == direct
@@ -66,8 +65,6 @@ def test_actor_pool_makes_the_direct_run_s_images(ray_local, toy, tmp_path, acto
 
 def test_rerun_after_interruption_makes_exactly_the_missing_images(ray_local, toy, tmp_path):
     cfg, fewshot, direct = toy
-    if cfg.generator.backend == "ddpm":
-        pytest.skip("resume is backend-independent; checked on the sd backend")
     manifest = run_generation_job(cfg, fewshot, tmp_path, actors=2, log=lambda line: None)
     rows = load_synthetic_manifest(manifest)
     gone = set(rows["path"].iloc[[0, 13, 29]])
