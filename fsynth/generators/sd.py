@@ -161,10 +161,30 @@ def _hub_error(model: str, exc: Exception) -> FsynthError:
 
 def _from_pretrained(source: str | Path, torch_dtype: torch.dtype, hub: bool) -> StableDiffusionPipeline:
     """StableDiffusionPipeline.from_pretrained without a safety checker; a cached hub id is read offline first."""
+    kwargs = dict(safety_checker=None, requires_safety_checker=False, dtype=torch_dtype)
+    with _no_progress_bars():
+        return _load(source, kwargs, hub)
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Loading bars of diffusers and transformers off: a failed load then leaves exactly one line on stderr."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.enable_progress_bar()
+        tlog.enable_progress_bar()
+
+
+def _load(source: str | Path, kwargs: dict, hub: bool) -> StableDiffusionPipeline:
     from diffusers import StableDiffusionPipeline
     from huggingface_hub import try_to_load_from_cache
 
-    kwargs = dict(safety_checker=None, requires_safety_checker=False, dtype=torch_dtype)
     if hub and isinstance(try_to_load_from_cache(str(source), "model_index.json"), str):
         try:  # fully cached: no hub round trip (which hangs ~46 s when the hub is unreachable)
             return StableDiffusionPipeline.from_pretrained(source, local_files_only=True, **kwargs)
