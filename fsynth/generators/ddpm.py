@@ -1,7 +1,8 @@
 """The `ddpm` backend: a small class-conditional diffusion model trained on the real shots.
 
 It is the embedded default's offline analogue of DataDream's fine-tuned Stable Diffusion: a diffusers
-`UNet2DModel` with class embeddings, trained with the DDPM noise-prediction loss and sampled with DDIM (eta 0).
+`UNet2DModel` with class embeddings, trained with the DDPM noise-prediction loss and sampled with DDIM (eta 1 by
+default: ancestral sampling over the step subsequence; see `sample_images`).
 Shapes: an image batch is float32 [N, C, R, R] in [-1, 1] (C = channels, R = resolution), labels are int64 [N].
 
 diffusers is imported inside the functions that use it: it takes ~15 s to import on a small machine, and
@@ -232,29 +233,38 @@ def load_generator(directory: str | Path) -> DDPMGenerator:
     return gen
 
 
-def initial_noise(gen: DDPMGenerator, seed: int) -> torch.Tensor:
-    """The start of one image's reverse process: [C, R, R] standard normal from its own CPU generator."""
-    shape = (gen.channels, gen.resolution, gen.resolution)
-    return torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
+def image_generator(seed: int) -> torch.Generator:
+    """The CPU random generator of one image: its initial noise, then (eta > 0) its noise at every step."""
+    return torch.Generator().manual_seed(int(seed))
+
+
+def initial_noise(gen: DDPMGenerator, rng: torch.Generator) -> torch.Tensor:
+    """The start of one image's reverse process: [C, R, R] standard normal drawn from the image's generator."""
+    return torch.randn((gen.channels, gen.resolution, gen.resolution), generator=rng)
 
 
 @torch.inference_mode()
-def _ddim(unet: UNet2DModel, sched: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM (eta 0) from noise x [N, C, R, R] with labels y [N] to images [N, C, R, R]."""
+def _ddim(unet: UNet2DModel, sched: Any, x: torch.Tensor, y: torch.Tensor, eta: float,
+          rngs: list[torch.Generator]) -> torch.Tensor:
+    """DDIM from noise x [N, C, R, R] with labels y [N] to images [N, C, R, R]; image i's step noise from rngs[i]."""
     for t in sched.timesteps:
         eps = unet(x, t, class_labels=y).sample
-        x = sched.step(eps, t, x, eta=0.0).prev_sample
+        x = sched.step(eps, t, x, eta=eta, generator=rngs).prev_sample
     return x
 
 
 def sample_images(
     gen: DDPMGenerator, labels: Sequence[int], seeds: Sequence[int], *, steps: int = 25, batch_size: int = 64,
-    device: str | torch.device = "cpu", out_size: int | None = None,
+    device: str | torch.device = "cpu", out_size: int | None = None, eta: float = 1.0,
 ) -> list[Image.Image]:
     """One RGB image per (label, seed): R x R, or out_size x out_size.
 
-    Each image starts from `initial_noise(gen, seed)` and eta-0 DDIM adds no further noise, so an image depends
-    only on its label and seed, not on its batch (up to float rounding in batched kernels).
+    eta 1 (default) is ancestral sampling over the `steps` subsequence; eta 0 is deterministic DDIM. On the
+    embedded default's DDPM (600 steps on 160 shots) eta 0 leaves heavy grain (a nearest-class-mean pixel
+    classifier: 0.23 on its samples, 0.53 with eta 1, 0.74 on real shots): fresh noise at every step corrects
+    an imperfect noise predictor. Every random draw of an image comes from its own CPU generator seeded with its
+    seed, so an image depends only on its label and seed, not on its batch (up to float rounding in batched
+    kernels) or device.
     """
     _check_inputs(labels, gen.num_classes, seeds, "seeds")
     from diffusers import DDIMScheduler
@@ -266,9 +276,10 @@ def sample_images(
     images: list[Image.Image] = []
     for start in range(0, len(labels), max(1, batch_size)):
         stop = start + max(1, batch_size)
-        x = torch.stack([initial_noise(gen, s) for s in seeds[start:stop]]).to(device)
+        rngs = [image_generator(s) for s in seeds[start:stop]]
+        x = torch.stack([initial_noise(gen, r) for r in rngs]).to(device)
         y = torch.as_tensor([int(v) for v in labels[start:stop]], dtype=torch.long, device=device)
-        images.extend(tensor_to_images(_ddim(unet, sched, x, y), out_size))
+        images.extend(tensor_to_images(_ddim(unet, sched, x, y, eta, rngs), out_size))
     return images
 
 
@@ -280,17 +291,18 @@ class DDPMBackend:
     steps: int = 25
     out_size: int | None = None
     device: str | torch.device = "cpu"
+    eta: float = 1.0
     fingerprint: str = field(init=False)
 
     def __post_init__(self) -> None:
-        blob = json.dumps([self.gen.fingerprint, "ddim-eta0-trailing", self.steps, self.out_size]).encode()
+        blob = json.dumps([self.gen.fingerprint, f"ddim-eta{self.eta:g}-trailing", self.steps, self.out_size]).encode()
         self.fingerprint = hashlib.sha256(blob).hexdigest()[:16]
 
     def generate(self, rows: Any) -> list[Image.Image]:
         """One RGB image per row (columns `label`, `seed`), R x R or out_size x out_size."""
         return sample_images(self.gen, [int(v) for v in rows["label"]], [int(v) for v in rows["seed"]],
                              steps=self.steps, batch_size=max(1, len(rows)), device=self.device,
-                             out_size=self.out_size)
+                             out_size=self.out_size, eta=self.eta)
 
 
 def training_steps(epochs: int, shots: int, batch_size: int) -> int:

@@ -77,15 +77,25 @@ def test_same_seed_gives_bit_identical_images(trained):
     assert a[0].mode == "RGB" and a[0].size == (16, 16)
 
 
-def test_image_does_not_depend_on_its_batch(trained):
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_image_does_not_depend_on_its_batch(trained, eta):
     gen, _ = trained
     labels, seeds = [0, 1, 1, 0, 1], [3, 1, 4, 1_000_000_007, 2**62 + 9]
-    one = arrays(sample_images(gen, labels, seeds, steps=SAMPLE_STEPS, batch_size=1))
-    many = arrays(sample_images(gen, labels, seeds, steps=SAMPLE_STEPS, batch_size=64))
+    one = arrays(sample_images(gen, labels, seeds, steps=SAMPLE_STEPS, batch_size=1, eta=eta))
+    many = arrays(sample_images(gen, labels, seeds, steps=SAMPLE_STEPS, batch_size=64, eta=eta))
     assert np.abs(one - many).max() <= 2
-    # Reordering the batch moves each image with its seed.
-    rev = arrays(sample_images(gen, labels[::-1], seeds[::-1], steps=SAMPLE_STEPS, batch_size=64))[::-1]
+    # Reordering the batch moves each image with its seed (and, for eta > 0, its step noise).
+    rev = arrays(sample_images(gen, labels[::-1], seeds[::-1], steps=SAMPLE_STEPS, batch_size=64, eta=eta))[::-1]
     assert np.abs(rev - many).max() <= 2
+
+
+def test_ancestral_and_deterministic_sampling_differ(trained):
+    gen, _ = trained
+    eta0, eta1 = (arrays(sample_images(gen, [0, 1], [5, 6], steps=SAMPLE_STEPS, eta=e)) for e in (0.0, 1.0))
+    assert not np.array_equal(eta0, eta1)
+    from fsynth.generators.ddpm import DDPMBackend
+
+    assert DDPMBackend(gen, eta=0.0).fingerprint != DDPMBackend(gen).fingerprint
 
 
 def test_out_size_and_bad_labels(trained):
