@@ -14,10 +14,11 @@ from pathlib import Path
 import pandas as pd
 import ray
 import ray.data
+import ray.exceptions
 import torch
 
 from fsynth.config import ExperimentConfig
-from fsynth.errors import ConfigError
+from fsynth.errors import ConfigError, FsynthError
 from fsynth.generation import build_generator, ensure_generator_artefact, lora_arguments, plan_synthetic_set
 from fsynth.synthetic import (
     PROMPTS_NAME,
@@ -59,6 +60,15 @@ def ensure_artefact_on_cluster(cfg: ExperimentConfig, fewshot_dir: Path, root: P
     The backend is built there rather than here: the driver may be a small head node that should not load a
     Stable Diffusion pipeline just to learn its fingerprint.
     """
+    try:
+        return _artefact_on_cluster(cfg, fewshot_dir, root)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, FsynthError):  # the task's own one-line error, without Ray's traceback
+            raise exc.cause from None
+        raise
+
+
+def _artefact_on_cluster(cfg: ExperimentConfig, fewshot_dir: Path, root: Path) -> tuple[Path | None, str]:
     r = cfg.resources
     on_worker = ray.remote(num_cpus=r.cpus_per_generator_actor, num_gpus=r.gpus_per_generator_actor)
     f = cfg.generator.finetune

@@ -116,3 +116,14 @@ def test_an_actor_pool_that_cannot_fit_is_a_one_line_error(ray_local):
         with pytest.raises(ConfigError, match=expected) as err:
             check_cluster_fits(cfg, actors)
         assert "\n" not in str(err.value)
+
+
+def test_a_task_s_error_reaches_the_caller_as_its_one_line(ray_local, data, tmp_path):
+    from fsynth.errors import FsynthError
+
+    tmp, root, _ = data
+    cfg = build_config("embedded", overrides=[*TOY, *tiny_sd_overrides(tmp_path / "no-such-model")],
+                       extra={"data": {"root": str(root)}})
+    with pytest.raises(FsynthError, match="does not exist") as err:
+        run_generation_job(cfg, ensure_fewshot(cfg, tmp / "fewshot"), tmp_path, actors=1, log=lambda line: None)
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)

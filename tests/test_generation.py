@@ -10,9 +10,9 @@ from PIL import Image
 
 from fsynth.config import build_config
 from fsynth.generation import (
-    ensure_quality,
     build_generator,
     ensure_generator_artefact,
+    ensure_quality,
     plan_synthetic_set,
     run_generation_direct,
     shots_channels,
