@@ -1,0 +1,72 @@
+"""The Ray Train job on a local Ray: the one loop under a TorchTrainer, its checkpoints, and resuming by name."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fsynth.baselines import apply_baseline
+from fsynth.config import build_config
+from fsynth.stages import ensure_fewshot
+from tests.data.fake_roots import make_root
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+TINY = ["model.arch=tiny-clip", "model.pretrained=", "model.head=zeroshot", "model.image_size=32",
+        "training.epochs=2", "training.batch_size=8", "data.shots=2", "data.val_per_class=0", "model.lora.rank=2",
+        "resources.cpus_per_worker=1"]
+
+
+def tiny_config(root: Path, *extra: str):
+    cfg = build_config("embedded", overrides=[*TINY, *extra],
+                       extra={"data": {"dataset": "folder", "root": str(root)}})
+    return apply_baseline(cfg, "real-only")
+
+
+def reports(result) -> list[dict]:
+    """The metrics of every checkpointed report Ray kept for the run, in order."""
+    return [m for _, m in result.best_checkpoints]
+
+
+def test_one_worker_run_reports_checkpoints_and_resumes_by_name(tmp_path, ray_local):
+    from fsynth.train_job import job_name, run_train_job
+
+    make_root("folder", tmp_path / "data", per_class=8)
+    cfg = tiny_config(tmp_path / "data")
+    fewshot = ensure_fewshot(cfg, tmp_path / "fewshot")
+    args = dict(fewshot_dir=fewshot, cache_dir=tmp_path / "cache", storage=tmp_path / "ray")
+    name = job_name(cfg, fewshot_dir=fewshot, synthetic_manifest=None)
+    assert name == job_name(cfg, fewshot_dir=fewshot, synthetic_manifest=None)
+    assert name != job_name(tiny_config(tmp_path / "data", "training.lr=1e-3"), fewshot_dir=fewshot,
+                            synthetic_manifest=None)
+
+    result = run_train_job(cfg, **args)
+    assert result.error is None
+    assert {"val/accuracy", "test/accuracy"} <= set(result.metrics)
+    assert 0.0 <= result.metrics["test/accuracy"] <= 1.0
+    final = Path(result.checkpoint.path)
+    assert (final / "adapters.safetensors").is_file() and (final / "config.yaml").is_file()
+    assert (final / "resume" / "state.json").is_file()  # the last checkpoint is resumable
+    epochs = [m["epoch"] for m in reports(result) if "train/loss" in m]
+    assert epochs == [0, 1]
+
+    again = run_train_job(cfg, **args)  # same name: Ray resumes the finished run, which only re-tests
+    assert again.error is None
+    assert [m["epoch"] for m in reports(again) if "train/loss" in m] == epochs  # no epoch trained again
+    assert sum("test/accuracy" in m for m in reports(again)) == 2
+    assert again.metrics["test/accuracy"] == result.metrics["test/accuracy"]
+    assert Path(again.checkpoint.path) != final
+
+
+@pytest.mark.skipif(not os.environ.get("FSYNTH_DDP_TEST"), reason="2-worker DDP costs ~60 s more on 2 CPUs; "
+                    "set FSYNTH_DDP_TEST=1 to run it")
+def test_two_worker_ddp_run(tmp_path, ray_local):
+    from fsynth.train_job import run_train_job
+
+    make_root("folder", tmp_path / "data", per_class=8)
+    cfg = tiny_config(tmp_path / "data", "resources.num_workers=2")
+    result = run_train_job(cfg, fewshot_dir=ensure_fewshot(cfg, tmp_path / "fewshot"), cache_dir=tmp_path / "cache",
+                           storage=tmp_path / "ray")
+    assert result.error is None and "test/accuracy" in result.metrics
+    assert [m["epoch"] for m in reports(result) if "train/loss" in m] == [0, 1]
+    assert (Path(result.checkpoint.path) / "adapters.safetensors").is_file()
