@@ -130,7 +130,6 @@ def ensure_quality(cfg: ExperimentConfig, fewshot_dir: str | Path, manifest: str
     None, with the reason logged, when the frozen encoder of cfg.model cannot be built here (e.g. offline
     hub weights): the set itself stays complete and usable.
     """
-    from fsynth.errors import FsynthError
     from fsynth.quality import QUALITY_NAME, encoder_name, load_quality, measure_synthetic_quality, write_quality
     from fsynth.trainset import load_train_data
 

@@ -62,14 +62,14 @@ def plan_rows(dataset: str, classnames: Sequence[str], domain: str, images_per_c
     if images_per_class <= 0:
         raise FsynthError(f"images_per_class must be at least 1, got {images_per_class}; "
                           "set generator.images_per_class to a positive number")
+    if group_size <= 0:
+        raise FsynthError(f"group size must be at least 1, got {group_size}; set generator.batch_size")
     rows = [
         (sample_id(dataset, name, i, fingerprint), "", -1, label, name, "synthetic",
          generation_prompt(name, domain), image_seed(dataset, name, i, base_seed), fingerprint)
         for label, name in enumerate(classnames)
         for i in range(images_per_class)
     ]
-    if group_size <= 0:
-        raise FsynthError(f"group size must be at least 1, got {group_size}; set generator.batch_size")
     frame = pd.DataFrame(rows, columns=list(SYNTHETIC_COLUMNS))
     per_class = -(-images_per_class // group_size)
     within = frame.groupby("label").cumcount()
