@@ -102,12 +102,14 @@ def latest(workdir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_final(directory: str | Path, model, cfg: ExperimentConfig, confusion: np.ndarray) -> str:
-    """The final model of a run: adapters + head (safetensors), the resolved config, the test confusion matrix."""
+def save_final(directory: str | Path, model, cfg: ExperimentConfig, confusion: np.ndarray | None) -> str:
+    """The final model of a run: adapters + head (safetensors), the resolved config, the test confusion matrix
+    ([C, C] counts, rows true class; None when the run was not tested, e.g. a sweep trial)."""
     final = Path(directory)
     tmp = _atomic_dir(final)
     save_adapters(model, tmp / "adapters.safetensors", metadata={"arch": cfg.model.arch,
                                                                  "pretrained": cfg.model.pretrained})
     save_config(cfg, tmp / "config.yaml")
-    np.savetxt(tmp / "confusion_test.csv", confusion, fmt="%d", delimiter=",")
+    if confusion is not None:
+        np.savetxt(tmp / "confusion_test.csv", confusion, fmt="%d", delimiter=",")
     return _publish(tmp, final)

@@ -27,6 +27,7 @@ class DataConfig:
     split_seed: int = 0  # seed of the deterministic train/val/test split used when no split file exists
     val_fraction: float = 0.2  # share of the train pool held out as validation when the dataset has no val split
     val_per_class: int = 0  # 0 = the whole validation split; > 0 caps it per class (deterministic)
+    test_per_class: int = 0  # 0 = the whole test split (what results report); > 0 a deterministic subset (demos)
     download: bool = False
 
     def __post_init__(self) -> None:
@@ -34,8 +35,9 @@ class DataConfig:
             raise ConfigError(f"data.shots must be at least 1, got {self.shots}; ask for 1, 2, 4, 8 or 16 shots")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must lie in (0, 1), got {self.val_fraction}")
-        if self.val_per_class < 0:
-            raise ConfigError(f"data.val_per_class must be 0 (all) or positive, got {self.val_per_class}")
+        for key in ("val_per_class", "test_per_class"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"data.{key} must be 0 (all) or positive, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,8 @@ class TrainingConfig:
     eval_batch_size: int = 256
     measure_regularisers: bool = True  # Figure 2: discrepancy and robustness on the training set, every epoch
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always checkpointed)
+    # Sweep trials select on validation only and never see the test set; the final seeds evaluate it once.
+    evaluate_test: bool = True
 
 
 @dataclass(frozen=True)

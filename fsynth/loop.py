@@ -234,16 +234,19 @@ def _eval_loader(samples, transform, t):
 
 
 def _finish(cfg, data, model, report, state, workdir, eval_tf, device, dtype, hooks) -> FitResult:
-    """Restore the best-on-validation adapters, evaluate on test once, report, and save the final adapters."""
+    """Restore the best-on-validation adapters, evaluate on test once (unless training.evaluate_test is off, as in
+    sweep trials), report, and save the final adapters."""
     if state.best_adapters:
         model.load_adapter_state_dict(state.best_adapters)
     t = cfg.training
     val = evaluate(model, _eval_loader(data.val, eval_tf, t), data.num_classes, device, dtype)
-    test = evaluate(model, _eval_loader(data.test, eval_tf, t), data.num_classes, device, dtype)
+    test = evaluate(model, _eval_loader(data.test, eval_tf, t), data.num_classes, device, dtype) \
+        if t.evaluate_test else None
     final = None
     if hooks.is_chief:
-        final = checkpoints.save_final(workdir / "final", model, cfg, test.confusion)
-    metrics = {"best/epoch": state.best_epoch, "best/val_accuracy": val.accuracy, "test/accuracy": test.accuracy,
-               "test/loss": test.loss, "epoch": state.epoch}
+        final = checkpoints.save_final(workdir / "final", model, cfg, test.confusion if test else None)
+    metrics = {"best/epoch": state.best_epoch, "best/val_accuracy": val.accuracy, "epoch": state.epoch}
+    if test is not None:
+        metrics.update({"test/accuracy": test.accuracy, "test/loss": test.loss})
     report(metrics, final)
     return FitResult(state.best_epoch, val.accuracy, val, test, state.history, final)

@@ -25,11 +25,13 @@ Lookup = Callable[[Sequence[str]], np.ndarray]
 def ensure_fewshot(cfg: ExperimentConfig, out_dir: str | Path) -> Path:
     """The few-shot directory of `cfg.data` under `out_dir` (written once, reused while it exists)."""
     d = cfg.data
-    out = Path(out_dir).resolve() / f"{d.dataset}-shot{d.shots}-seed{d.seed}-split{d.split_seed}-v{d.val_per_class}"
+    name = f"{d.dataset}-shot{d.shots}-seed{d.seed}-split{d.split_seed}-v{d.val_per_class}"
+    out = Path(out_dir).resolve() / (name + (f"-t{d.test_per_class}" if d.test_per_class else ""))
     if not (out / "manifest.parquet").is_file() or not (out / "fewshot.json").is_file():
         dataset = load_dataset(d.dataset, d.root, split_seed=d.split_seed, val_fraction=d.val_fraction,
                                fetch=d.download)
-        write_manifest(build_fewshot(dataset, d.shots, d.seed, d.val_per_class), out)
+        write_manifest(build_fewshot(dataset, d.shots, d.seed, d.val_per_class,
+                                     test_per_class=d.test_per_class), out)
     return out
 
 

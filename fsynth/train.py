@@ -49,7 +49,7 @@ def run_dir(out: Path, cfg: ExperimentConfig, synthetic: str | None) -> Path:
 
 
 def print_epoch(metrics: dict, checkpoint: str | None) -> None:
-    if "test/accuracy" in metrics:
+    if "best/val_accuracy" in metrics:  # fit's final report, printed by run_train
         return
     extra = "".join(f"  {k.split('/')[1]} {metrics[k]:.4f}" for k in ("measured/discrepancy", "measured/robustness")
                     if k in metrics)
@@ -75,12 +75,12 @@ def run_train(args: argparse.Namespace) -> FitResult:
           f"{len(data.val)} val, {len(data.test)} test; run dir {workdir}"
           + (f"; resuming from {resume.name}" if resume else ""), flush=True)
     result = fit(cfg, data, model, print_epoch, workdir=workdir, regions=regions, resume_from=resume, device=device)
-    print(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}; "
-          f"test accuracy {result.test.accuracy:.4f} (evaluated once)")
+    tested = f"test accuracy {result.test.accuracy:.4f} (evaluated once)" if result.test else "not tested"
+    print(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}; {tested}")
     print(f"final adapters: {result.checkpoint}")
     summary = {"dataset": data.dataset, "baseline": cfg.name, "synthetic": synthetic, "best_epoch": result.best_epoch,
-               "val_accuracy": result.best_val_accuracy, "test_accuracy": result.test.accuracy,
-               "test_count": result.test.count, "history": result.history,
+               "val_accuracy": result.best_val_accuracy, "test_accuracy": result.test.accuracy if result.test else None,
+               "test_count": result.test.count if result.test else 0, "history": result.history,
                "synthetic_quality": synthetic_quality(synthetic)}
     (workdir / "result.json").write_text(json.dumps(summary, indent=2))
     return result

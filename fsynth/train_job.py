@@ -85,10 +85,11 @@ class _Reporter:
 
     def __call__(self, metrics: dict, ckpt_dir: str | None) -> None:
         checkpoint = None
-        if "test/accuracy" in metrics:  # the returned (best-on-validation) model's val accuracy, for Result.metrics
+        final = "best/val_accuracy" in metrics  # fit's last report (tested, or not in a sweep trial)
+        if final:  # the returned (best-on-validation) model's val accuracy, for Result.metrics and Tune
             metrics = {"val/accuracy": metrics["best/val_accuracy"], **metrics}
         if ckpt_dir and self.chief:
-            if "test/accuracy" in metrics:
+            if final:
                 if self.last_state is not None:
                     shutil.copytree(self.last_state, Path(ckpt_dir) / RESUME, dirs_exist_ok=True)
             else:

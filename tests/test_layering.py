@@ -9,7 +9,8 @@ import fsynth
 
 PACKAGE = Path(fsynth.__file__).parent
 # Orchestration modules (Ray, MLflow, their CLIs) are the only ones allowed to import ray or mlflow.
-ORCHESTRATION = {"fsynth.tune", "fsynth.tracking", "fsynth.generate_job", "fsynth.train_job", "fsynth.cluster"}
+ORCHESTRATION = {"fsynth.tune", "fsynth.tracking", "fsynth.generate_job", "fsynth.train_job", "fsynth.cluster",
+                 "fsynth.sweep", "fsynth.experiment", "fsynth.report"}
 
 
 def pure_modules() -> list[str]:

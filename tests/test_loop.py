@@ -109,3 +109,22 @@ def test_online_partition_and_protoaug(toy, tmp_path):
     result, reports = run(cfg, toy, tmp_path)
     assert math.isfinite(result.test.accuracy)
     assert any(m.get("train/robustness", 0) > 0 for m, _ in reports)
+
+
+def test_sweep_trial_never_evaluates_the_test_set(toy, tmp_path):
+    """training.evaluate_test=false (Tune trials): the final report has the best validation model, no test."""
+    class NoTest(list):  # the test set itself must not be read: any access fails the run
+        def __iter__(self):
+            raise AssertionError("the test set was read")
+
+        def __getitem__(self, i):
+            raise AssertionError("the test set was read")
+
+    data = TrainData(toy.dataset, toy.classnames, toy.templates, toy.real, toy.synthetic, toy.val,
+                     NoTest(toy.test))
+    result, reports = run(toy_config("training.epochs=1", "training.evaluate_test=false"), data, tmp_path)
+    final = reports[-1][0]
+    assert "best/val_accuracy" in final and not any(k.startswith("test/") for k in final)
+    assert result.test is None and result.val is not None
+    assert not (tmp_path / "final" / "confusion_test.csv").exists()
+    assert (tmp_path / "final" / "adapters.safetensors").exists()

@@ -31,6 +31,8 @@ def test_default_is_the_papers_grid():
 
 def test_dataset_file_is_picked_and_inherits():
     assert space_path("stanford_cars").name == "stanford_cars.yaml"
+    assert space_path("fashion-mnist").name == "fashion-mnist.yaml"
+    assert load_space(space_path("fashion-mnist")).sample == load_space(SPACE_DIR / "demo.yaml").sample
     assert space_path("dtd").name == "default.yaml"
     assert space_path("dtd", "lightweight").name == "lightweight.yaml"
     cars = load_space(space_path("stanford_cars"))
@@ -60,5 +62,6 @@ def test_bad_spaces_fail_before_any_trial(tmp_path, body, expected):
 
 
 def test_missing_space_lists_the_shipped_ones(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist; choose one of default, lightweight, stanford_cars"):
+    with pytest.raises(ConfigError, match="does not exist; choose one of default, demo, fashion-mnist, lightweight, "
+                                          "smoke, stanford_cars"):
         load_space(tmp_path / "nope.yaml")

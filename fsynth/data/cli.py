@@ -48,7 +48,7 @@ def run_prepare(args: argparse.Namespace) -> Path:
                       val_per_class=args.val_per_class, download=args.download)
     dataset = load_dataset(data.dataset, data.root, split_seed=data.split_seed,
                            val_fraction=data.val_fraction, fetch=data.download)
-    fewshot = build_fewshot(dataset, data.shots, data.seed, data.val_per_class)
+    fewshot = build_fewshot(dataset, data.shots, data.seed, data.val_per_class, test_per_class=data.test_per_class)
     out = Path(args.out or Path("runs") / "data" / data.dataset / f"shot{data.shots}_seed{data.seed}").resolve()
     manifest = write_manifest(fewshot, out)
     print(f"{dataset.name}: {dataset.num_classes} classes, split from {dataset.split_source}")

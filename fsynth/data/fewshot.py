@@ -61,11 +61,13 @@ def cap_per_class(samples: list[Sample], per_class: int, seed: int) -> list[Samp
 
 
 def build_fewshot(
-    dataset: RealDataset, shots: int, seed: int, val_per_class: int = 0, verify: bool = True
+    dataset: RealDataset, shots: int, seed: int, val_per_class: int = 0, verify: bool = True,
+    test_per_class: int = 0,
 ) -> FewShotSet:
     """Draw the shots from the train partition; validation comes from the val partition and never overlaps.
 
     With `verify`, every shot is decoded once, so an unreadable image fails here and not mid-training.
+    `test_per_class` > 0 keeps a deterministic subset of the test split (laptop demos); 0 keeps all of it.
     """
     train = sample_shots(dataset.train, shots, seed, dataset.classnames)
     if verify:
@@ -76,7 +78,8 @@ def build_fewshot(
     if overlap:  # the partitions are disjoint by construction; this guards against a broken split file
         raise DataError(f"{len(overlap)} shots are also validation samples (e.g. {min(overlap)}); "
                         "the split file lists an image in both train and val: fix or remove it")
-    return FewShotSet(dataset, shots, seed, train, val, list(dataset.test))
+    test = cap_per_class(dataset.test, test_per_class, seed)
+    return FewShotSet(dataset, shots, seed, train, val, test)
 
 
 def manifest_frame(fs: FewShotSet) -> pd.DataFrame:

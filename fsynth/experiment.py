@@ -1,0 +1,213 @@
+"""The stages of `python -m fsynth.tune` on a Ray cluster, each cached: data, synthetic set, regions, sweep, seeds."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+import ray.tune
+
+from fsynth import sweep, tracking
+from fsynth.baselines import needs_synthetic
+from fsynth.config import ExperimentConfig, config_from_dict, config_to_dict, save_config, with_values
+from fsynth.errors import ConfigError, FsynthError
+from fsynth.stages import ensure_fewshot
+
+Log = Callable[[str], None]
+
+
+@ray.remote
+def _regions_task(cfg_dict: dict, fewshot_dir: str, synthetic: str | None, cache_dir: str) -> str:
+    """Build (or find) one partition's static regions where a training worker would: on its resources."""
+    from fsynth.loop import pick_device
+    from fsynth.stages import build_model, build_regions
+    from fsynth.trainset import load_train_data
+
+    cfg = config_from_dict(cfg_dict)
+    data = load_train_data(fewshot_dir, synthetic)
+    build_regions(cfg, data, build_model(cfg, data, pick_device()), cache_dir)
+    p = cfg.partition
+    return f"{p.mode} x{p.cluster_multiple:g}"
+
+
+@ray.remote
+def _quality_task(cfg_dict: dict, fewshot_dir: str, manifest: str) -> dict | None:
+    from fsynth.generation import ensure_quality
+    from fsynth.loop import pick_device
+
+    return ensure_quality(config_from_dict(cfg_dict), fewshot_dir, manifest, pick_device())
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """A Ray task's FsynthError as itself (one line for the CLI), anything else unchanged."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, FsynthError) else exc
+
+
+def ensure_regions_on_cluster(cfg: ExperimentConfig, variants: list[dict], fewshot: Path, synthetic: Path | None,
+                              cache_dir: Path, log: Log) -> None:
+    """Static regions for every partition of the space, one Ray task each (cached: a rerun only loads them)."""
+    cfgs = [with_values(cfg, v) for v in variants]
+    cfgs = [c for c in cfgs if c.partition.mode == "static" and cfg.training.epochs > 0]
+    r = cfg.resources
+    task = _regions_task.options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)
+    refs = [task.remote(config_to_dict(c), str(fewshot), str(synthetic) if synthetic else None, str(cache_dir))
+            for c in cfgs]
+    try:
+        for done in ray.get(refs):
+            log(f"regions ready: {done}")
+    except ray.exceptions.RayTaskError as exc:
+        raise _unwrap(exc) from None
+
+
+def ensure_synthetic(cfg: ExperimentConfig, fewshot: Path, root: Path, log: Log) -> Path | None:
+    """The synthetic set of the sweep (generated or finished by the Ray Data job) and its quality signal."""
+    if not needs_synthetic(cfg):
+        log("synthetic set: not needed by this baseline")
+        return None
+    from fsynth.generate_job import run_generation_job
+
+    manifest = run_generation_job(cfg, fewshot, root, log=log)
+    r = cfg.resources
+    quality = _quality_task.options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)
+    try:
+        metrics = ray.get(quality.remote(config_to_dict(cfg), str(fewshot), str(manifest)))
+    except ray.exceptions.RayTaskError as exc:
+        raise _unwrap(exc) from None
+    if metrics:
+        log("synthetic quality: " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items()
+                                               if isinstance(v, float)))
+    log(f"synthetic set: {manifest}")
+    return manifest
+
+
+def ensure_sweep_run(uri: str, experiment: str, sid: str, tags: dict[str, str], cfg: ExperimentConfig) -> str:
+    """The sweep's parent MLflow run: the one an interrupted attempt opened (marked running again), else new."""
+    client = tracking.client_for(uri)
+    experiment_id = tracking.ensure_experiment(client, experiment)
+    query = f"tags.`{sweep.SWEEP_TAG}` = '{sid}' and tags.`{sweep.KIND_TAG}` = 'sweep'"
+    found = client.search_runs([experiment_id], filter_string=query, max_results=1)
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    run_id = tracking.start_run(uri, experiment, sid, tags={**tags, sweep.KIND_TAG: "sweep", sweep.SWEEP_TAG: sid})
+    tracking.log_params(uri, run_id, cfg)
+    return run_id
+
+
+def log_sweep_inputs(uri: str, run_id: str, plan, synthetic: Path | None) -> None:
+    """The space file, the resolved base config and the synthetic sample grid, on the sweep's run."""
+    with tempfile.TemporaryDirectory(prefix="fsynth-sweep-") as tmp:
+        tracking.log_artifacts(uri, run_id, save_config(plan.cfg, Path(tmp) / "base_config.yaml"))
+    tracking.log_artifacts(uri, run_id, plan.space.path, "space")
+    grid = synthetic.parent / "samples.png" if synthetic else None
+    if grid is not None and grid.is_file():
+        tracking.log_artifacts(uri, run_id, grid, "synthetic")
+
+
+def concurrency(plan, explicit: int | None, address: str | None) -> int:
+    return explicit or plan.space.tune.max_concurrent or sweep.derive_max_concurrent(
+        plan.cfg, ray.cluster_resources(), on_existing_cluster=bool(address))
+
+
+def run_stages(plan, address: str | None, log: Log) -> tuple[Path, Path | None]:
+    """Few-shot data (before Ray starts: a missing dataset fails in a second), then Ray, then the synthetic set."""
+    fewshot = ensure_fewshot(plan.cfg, plan.out / "synthetic" / "fewshot")
+    log(f"few-shot data: {fewshot}")
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=True)
+    log(f"Ray: {ray.cluster_resources()}")
+    synthetic = ensure_synthetic(plan.cfg, fewshot, plan.out / "synthetic", log)
+    return fewshot, synthetic
+
+
+def run_experiment(plan, *, address: str | None, max_concurrent: int | None, num_samples: int | None,
+                   require_resume: bool, log: Log = print) -> dict:
+    """Every stage of the experiment in `plan` (fsynth.tune.Plan); returns the summary."""
+    cfg, uri = plan.cfg, plan.tracking_uri
+    tracking.ensure_experiment(tracking.client_for(uri), plan.experiment)  # an unreachable store fails before compute
+    fewshot, synthetic = run_stages(plan, address, log)
+    space = plan.space
+    if num_samples:
+        from dataclasses import replace
+
+        space = replace(space, tune=replace(space.tune, num_samples=num_samples))
+    sid = sweep.sweep_id(cfg, space, {"fewshot": str(fewshot), "synthetic": str(synthetic)})
+    tune_storage = f"{plan.storage.rstrip('/')}/tune"
+    if require_resume and not ray.tune.Tuner.can_restore(f"{tune_storage}/{sid}"):
+        raise ConfigError(f"--resume: no interrupted sweep {sid} under {tune_storage}; drop --resume to start it")
+    tags = {"fsynth.dataset": cfg.data.dataset, "fsynth.baseline": cfg.name, "fsynth.space": Path(space.path).stem}
+    parent = ensure_sweep_run(uri, plan.experiment, sid, tags, cfg)
+    try:
+        log_sweep_inputs(uri, parent, plan, synthetic)
+        from fsynth.tune import partition_variants
+
+        ensure_regions_on_cluster(cfg, partition_variants(plan), fewshot, synthetic, plan.out / "cache", log)
+        ctx = sweep.TrialContext(
+            base=config_to_dict(cfg), fewshot_dir=str(fewshot),
+            synthetic_manifest=str(synthetic) if synthetic else None, cache_dir=str(plan.out / "cache"),
+            train_storage=f"{plan.storage.rstrip('/')}/train", tracking_uri=uri, experiment=plan.experiment,
+            parent_run_id=parent, sweep_id=sid, tags=tuple(sorted(tags.items())))
+        summary = run_sweep_and_finals(plan, space, ctx, tune_storage, concurrency(plan, max_concurrent, address), log)
+    except BaseException as exc:
+        tracking.end_open_children(uri, parent, "KILLED")
+        tracking.end_run(uri, parent, "FAILED" if isinstance(exc, Exception) else "KILLED")
+        raise
+    tracking.end_run(uri, parent, "FINISHED")
+    return summary
+
+
+def run_sweep_and_finals(plan, space, ctx: sweep.TrialContext, tune_storage: str, max_concurrent: int,
+                         log: Log) -> dict:
+    """The Tune sweep (ASHA on validation), then the best values with every final seed (tested once)."""
+    settings = space.tune
+    log(f"sweep {ctx.sweep_id}: up to {max_concurrent} trial(s) at once, storage {tune_storage}")
+    grid = sweep.restore_or_build(ctx, sweep.param_space(space), settings, name=ctx.sweep_id, storage=tune_storage,
+                                  max_concurrent=max_concurrent, seed=plan.cfg.training.seed, final=False,
+                                  log=log).fit()
+    tracking.end_open_children(ctx.tracking_uri, ctx.parent_run_id, "KILLED")  # trials ASHA stopped
+    values, score = sweep.best_values(grid, settings)
+    log(f"best on validation ({settings.metric} {score:.4f}): {json.dumps(values, sort_keys=True)}")
+    final_ctx = sweep.with_kind(ctx, "final")
+    finals = sweep.restore_or_build(final_ctx, sweep.final_params(values, plan.seeds), settings,
+                                    name=f"{ctx.sweep_id}-final", storage=tune_storage,
+                                    max_concurrent=max_concurrent, seed=plan.cfg.training.seed, final=True,
+                                    log=log).fit()
+    rows = sweep.final_results(finals)
+    return finish_summary(plan, ctx, values, rows, log)
+
+
+def finish_summary(plan, ctx: sweep.TrialContext, values: dict, rows: list[dict], log: Log) -> dict:
+    """Print the summary, log it (metrics, tag, summary.md) to the sweep's run, return it."""
+    from fsynth.tune import format_summary, summarise
+
+    uri, parent = ctx.tracking_uri, ctx.parent_run_id
+    best_cfg = with_values(plan.cfg, values)
+    paper = paper_reference(best_cfg)
+    text = format_summary(plan, rows, values, paper, tracking.ui_command(uri))
+    s = summarise(rows)
+    tracking.MlflowReporter(uri, parent)({"final/test_accuracy_mean": s["mean"], "final/test_accuracy_std": s["std"],
+                                          "final/seeds": s["seeds"], "final/best_val_accuracy": max(
+                                              r["val_accuracy"] for r in rows)})
+    client = tracking.client_for(uri)
+    client.set_tag(parent, "fsynth.best_values", json.dumps(values, sort_keys=True))
+    with tempfile.TemporaryDirectory(prefix="fsynth-summary-") as tmp:
+        path = Path(tmp) / "summary.md"
+        path.write_text(text + "\n")
+        tracking.log_artifacts(uri, parent, path)
+    log(text)
+    return {"sweep": ctx.sweep_id, "values": values, "rows": rows, **s,
+            "paper": {"label": paper.label, "accuracy": paper.accuracy} if paper else None, "parent_run_id": parent}
+
+
+def paper_reference(cfg: ExperimentConfig):
+    """The published cell this run is compared with (closest first), or None when the paper has none."""
+    from fsynth.paper import preset_of, reference_rows
+    from fsynth.tracking import flat_params
+
+    params = flat_params(cfg)
+    cells = reference_rows(cfg.data.dataset, cfg.name, preset_of(params), shots=cfg.data.shots,
+                           images_per_class=cfg.generator.images_per_class, arch=cfg.model.arch)
+    return cells[0] if cells else None

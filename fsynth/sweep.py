@@ -1,0 +1,281 @@
+"""The Ray Tune side of `fsynth.tune`: search space -> Tune param space, the trial trainable, MLflow per trial.
+
+A trial is a Tune function trainable that builds and fits one `TorchTrainer` (fsynth.train_job) whose workers run
+the one loop; Train's reports reach Tune through `TuneReportCallback` and MLflow through `MlflowTrainCallback`.
+The same trainable runs the sweep's trials (validation only, no test) and the final seeds (tested once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.tune
+from ray.train.v2.api.callback import UserCallback
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from fsynth import tracking
+from fsynth.config import ExperimentConfig, config_from_dict, config_to_dict, save_config, with_values
+from fsynth.errors import ConfigError, FsynthError
+from fsynth.spaces import SearchSpace, TuneSettings
+from fsynth.train_job import build_trainer, job_name
+
+KIND_TAG, SWEEP_TAG, TRAIN_NAME_TAG = "fsynth.kind", "fsynth.sweep", "fsynth.train_name"
+CURVE_KEYS = ("train/loss", "train/ce_real", "train/ce_synth", "train/discrepancy", "train/robustness",
+              "train/accuracy", "val/accuracy", "measured/discrepancy", "measured/robustness")
+
+
+def param_space(space: SearchSpace) -> dict[str, Any]:
+    """Tune's param space: one entry per sampler, keyed by its comma-joined dotted keys."""
+    samplers = {"grid": ray.tune.grid_search, "choice": ray.tune.choice}
+    ranges = {"uniform": ray.tune.uniform, "loguniform": ray.tune.loguniform, "randint": ray.tune.randint}
+    out: dict[str, Any] = {}
+    for s in space.sample:
+        values = [list(v) if isinstance(v, tuple) else v for v in s.values]
+        out[",".join(s.keys)] = samplers[s.kind](values) if s.kind in samplers else ranges[s.kind](*values)
+    return out
+
+
+def sampled_values(trial_config: dict) -> dict[str, Any]:
+    """A trial's config (keys as in `param_space`) as dotted config keys -> values."""
+    values: dict[str, Any] = {}
+    for joined, value in trial_config.items():
+        keys = joined.split(",")
+        values.update(zip(keys, value, strict=True) if len(keys) > 1 else {joined: value})
+    return values
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """Everything a trial needs besides its sampled values; plain strings, so it pickles to any node."""
+
+    base: dict  # the resolved base config (config_to_dict)
+    fewshot_dir: str
+    synthetic_manifest: str | None
+    cache_dir: str
+    train_storage: str
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    sweep_id: str
+    tags: tuple[tuple[str, str], ...]  # dataset, baseline, space: on every run of the sweep
+    kind: str = "trial"  # "trial" (validation only) or "final" (tested once)
+    max_failures: int = 0
+
+
+def trial_config(ctx: TrialContext, values: dict[str, Any]) -> ExperimentConfig:
+    """The config one trial trains: the base with its sampled values; sweep trials never evaluate the test set."""
+    cfg = with_values(config_from_dict(ctx.base), values)
+    return with_values(cfg, {"training.evaluate_test": ctx.kind == "final"})
+
+
+def train_run_name(ctx: TrialContext, cfg: ExperimentConfig, index: int) -> str:
+    """Deterministic and unique per sweep, trial slot and config: a rerun of the same trial resumes its Train run."""
+    base = job_name(cfg, fewshot_dir=ctx.fewshot_dir, synthetic_manifest=ctx.synthetic_manifest)
+    return f"{base}-{ctx.kind}{index:03d}"
+
+
+def _trial_index() -> int:
+    """The trial's position in the sweep (Tune ids end in _00003), stable across a restore."""
+    trial_id = ray.tune.get_context().get_trial_id() or "0"
+    tail = trial_id.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def ensure_child_run(ctx: TrialContext, name: str, cfg: ExperimentConfig, extra_tags: dict[str, str]) -> str:
+    """The trial's nested MLflow run: the one a previous attempt of the same Train run opened, else a new one."""
+    client = tracking.client_for(ctx.tracking_uri)
+    experiment_id = tracking.ensure_experiment(client, ctx.experiment)
+    query = (f"tags.`{tracking.PARENT_TAG}` = '{ctx.parent_run_id}' and tags.`{TRAIN_NAME_TAG}` = '{name}'")
+    found = client.search_runs([experiment_id], filter_string=query, max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    tags = {**dict(ctx.tags), KIND_TAG: ctx.kind, SWEEP_TAG: ctx.sweep_id, TRAIN_NAME_TAG: name, **extra_tags}
+    run_id = tracking.start_run(ctx.tracking_uri, ctx.experiment, name, parent_run_id=ctx.parent_run_id, tags=tags)
+    tracking.log_params(ctx.tracking_uri, run_id, cfg)
+    return run_id
+
+
+class MlflowTrainCallback(UserCallback):
+    """Ray Train callback (runs in the Train controller): every report of rank 0 becomes MLflow metrics."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.reporter = tracking.MlflowReporter(uri, run_id)
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        self.reporter(metrics[0], checkpoint.path if checkpoint is not None else None)
+
+
+def run_trial(config: dict, ctx: TrialContext) -> None:
+    """One Tune trial: fit a TorchTrainer for the sampled config, reporting to Tune and MLflow; log artifacts."""
+    values = sampled_values(config)
+    cfg = trial_config(ctx, values)
+    name = train_run_name(ctx, cfg, _trial_index())
+    extra = {"fsynth.seed": str(cfg.training.seed)} if ctx.kind == "final" else {}
+    run_id = ensure_child_run(ctx, name, cfg, {**extra, "fsynth.values": json.dumps(values, sort_keys=True)})
+    trainer = build_trainer(cfg, fewshot_dir=ctx.fewshot_dir, synthetic_manifest=ctx.synthetic_manifest,
+                            cache_dir=ctx.cache_dir, storage=ctx.train_storage, name=name,
+                            max_failures=ctx.max_failures,
+                            callbacks=[TuneReportCallback(), MlflowTrainCallback(ctx.tracking_uri, run_id)])
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        log_run_artifacts(ctx, run_id, cfg, result.checkpoint)
+    except Exception:
+        tracking.end_run(ctx.tracking_uri, run_id, "FAILED")
+        raise
+    tracking.end_run(ctx.tracking_uri, run_id, "FINISHED")
+
+
+def metric_history(uri: str, run_id: str, keys: tuple[str, ...] = CURVE_KEYS) -> list[dict]:
+    """The run's per-epoch metrics from MLflow, as fit's history (a list of {'epoch': e, key: value})."""
+    client = tracking.client_for(uri)
+    epochs: dict[int, dict] = {}
+    for key in keys:
+        for m in client.get_metric_history(run_id, key):
+            epochs.setdefault(m.step, {"epoch": m.step})[key] = m.value
+    return [epochs[e] for e in sorted(epochs)]
+
+
+def log_run_artifacts(ctx: TrialContext, run_id: str, cfg: ExperimentConfig, checkpoint) -> None:
+    """The resolved config for every run; for final runs also the adapters, the test confusion matrix and the
+    regulariser curves."""
+    from fsynth.plots import plot_confusion, plot_regulariser_curves, save_confusion_csv
+
+    uri = ctx.tracking_uri
+    with tempfile.TemporaryDirectory(prefix="fsynth-artifacts-") as tmp:
+        tmp = Path(tmp)
+        save_config(cfg, tmp / "config.yaml")
+        tracking.log_artifacts(uri, run_id, tmp / "config.yaml")
+        history = metric_history(uri, run_id)
+        title = f"{cfg.data.dataset} {cfg.name} seed {cfg.training.seed}"
+        tracking.log_artifacts(uri, run_id, plot_regulariser_curves(history, tmp / "curves.png", title=title))
+        if ctx.kind != "final" or checkpoint is None:
+            return
+        final = Path(checkpoint.to_directory(str(tmp / "final")))
+        tracking.log_artifacts(uri, run_id, final / "adapters.safetensors", "model")
+        confusion_csv = final / "confusion_test.csv"
+        if confusion_csv.is_file():
+            import numpy as np
+
+            confusion = np.loadtxt(confusion_csv, delimiter=",", dtype=np.int64, ndmin=2)
+            names = json.loads((Path(ctx.fewshot_dir) / "fewshot.json").read_text())["classnames"]
+            tracking.log_artifacts(uri, run_id, save_confusion_csv(confusion, names, tmp / "confusion_test.csv"))
+            tracking.log_artifacts(uri, run_id, plot_confusion(confusion, names, tmp / "confusion_test.png",
+                                                               title=f"{title}: test"))
+
+
+def per_trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """What one trial's Train workers hold (the trial function and Train controller take no CPU)."""
+    r = cfg.resources
+    return {"CPU": r.num_workers * r.cpus_per_worker, "GPU": r.num_workers * r.gpus_per_worker}
+
+
+def derive_max_concurrent(cfg: ExperimentConfig, cluster: dict[str, float], on_existing_cluster: bool) -> int:
+    """Trials that fit at once on `cluster` (ray.cluster_resources()); a GPU request with no GPU fails here.
+
+    On an existing (possibly autoscaling) cluster with no GPU yet, one trial is started and the autoscaler adds
+    nodes; on this machine alone a GPU request can never be met, so it is a one-line error before any trial.
+    """
+    need = per_trial_resources(cfg)
+    counts = []
+    for kind, each in need.items():
+        if each <= 0:
+            continue
+        have = cluster.get(kind, 0.0)
+        if have < each and not on_existing_cluster:
+            fix = " (--set resources.gpus_per_worker=0 trains on CPUs)" if kind == "GPU" else ""
+            raise ConfigError(f"one trial needs {each:g} {kind} (resources.num_workers x {kind.lower()}s_per_worker)"
+                              f" but this machine has {have:g}; lower resources.{kind.lower()}s_per_worker{fix}")
+        counts.append(math.floor(have / each + 1e-9))
+    return max(1, min(counts) if counts else 1)
+
+
+# The trial function only waits on its TorchTrainer (whose controller takes no CPU); a CPU here would stop a
+# 2-core laptop from running two 1-CPU trials. Tune needs some resource per trial, so it reserves memory.
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
+
+
+def trial_trainable(ctx: TrialContext):
+    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, ctx=ctx), TRIAL_DRIVER_RESOURCES)
+
+
+def build_tuner(ctx: TrialContext, params: dict, settings: TuneSettings, *, name: str, storage: str,
+                max_concurrent: int, seed: int, final: bool) -> ray.tune.Tuner:
+    """A Tuner over `run_trial`: ASHA (sweep) or FIFO (final seeds), deterministic sampling, resumable by name."""
+    scheduler = None
+    if settings.scheduler == "asha" and not final:
+        scheduler = ray.tune.schedulers.ASHAScheduler(
+            time_attr="training_iteration", max_t=max(1, config_from_dict(ctx.base).training.epochs + 1),
+            grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
+    # The generator's own limit: Tune ignores max_concurrent_trials when given a search generator.
+    search = ray.tune.search.BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
+    return ray.tune.Tuner(
+        trial_trainable(ctx), param_space=params,
+        tune_config=ray.tune.TuneConfig(metric=settings.metric, mode=settings.mode, scheduler=scheduler,
+                                        search_alg=search, num_samples=1 if final else settings.num_samples),
+        run_config=ray.tune.RunConfig(name=name, storage_path=storage, verbose=1,
+                                      failure_config=ray.tune.FailureConfig(max_failures=0)))
+
+
+def restore_or_build(ctx: TrialContext, params: dict, settings: TuneSettings, *, name: str, storage: str,
+                     max_concurrent: int, seed: int, final: bool, log=print) -> ray.tune.Tuner:
+    """The sweep `storage/name`: restored when an earlier attempt left it (finished trials are not rerun)."""
+    path = f"{storage.rstrip('/')}/{name}"
+    if ray.tune.Tuner.can_restore(path):
+        log(f"resuming {path}: finished trials are kept, unfinished and errored ones continue")
+        return ray.tune.Tuner.restore(path, trainable=trial_trainable(ctx), resume_unfinished=True,
+                                      resume_errored=True)
+    return build_tuner(ctx, params, settings, name=name, storage=storage, max_concurrent=max_concurrent,
+                       seed=seed, final=final)
+
+
+def best_values(grid, settings: TuneSettings) -> tuple[dict[str, Any], float]:
+    """The sampled values of the best trial on validation (any epoch of any trial) and its score."""
+    finished = [r for r in grid if r.metrics and settings.metric in r.metrics]
+    if not finished:
+        errors = [str(r.error).strip().splitlines()[-1] for r in grid if r.error is not None]
+        raise FsynthError("no trial of the sweep reported " + settings.metric
+                          + (f"; first error: {errors[0]}" if errors else "") + "; see the Tune logs above")
+    best = grid.get_best_result(metric=settings.metric, mode=settings.mode, scope="all")
+    score = best.metrics_dataframe[settings.metric].agg(settings.mode) if best.metrics_dataframe is not None \
+        else best.metrics[settings.metric]
+    return sampled_values(best.config), float(score)
+
+
+def final_params(values: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    """The final stage's param space: the best values fixed, the training seed as a grid."""
+    return {**values, "training.seed": ray.tune.grid_search(seeds)}
+
+
+def final_results(grid) -> list[dict]:
+    """Per seed: seed, test accuracy, best validation accuracy and epoch (sorted by seed)."""
+    rows = []
+    for r in grid:
+        if r.metrics is None or "test/accuracy" not in r.metrics:
+            raise FsynthError(f"a final run did not finish ({r.error!s:.200}); rerun the same command to continue")
+        rows.append({"seed": int(r.config["training.seed"]), "test_accuracy": float(r.metrics["test/accuracy"]),
+                     "val_accuracy": float(r.metrics["best/val_accuracy"]),
+                     "best_epoch": int(r.metrics["best/epoch"])})
+    return sorted(rows, key=lambda row: row["seed"])
+
+
+def sweep_id(cfg: ExperimentConfig, space: SearchSpace, inputs: dict) -> str:
+    """Deterministic per config, space and inputs: the same command finds (and resumes) the same sweep."""
+    blob = json.dumps({"config": config_to_dict(cfg), "sample": [(s.keys, s.kind, s.values) for s in space.sample],
+                       "tune": config_to_dict(space.tune), "inputs": inputs}, sort_keys=True, default=str)
+    return f"{cfg.data.dataset}-{cfg.name}-{Path(space.path).stem}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def with_kind(ctx: TrialContext, kind: str) -> TrialContext:
+    return replace(ctx, kind=kind)
