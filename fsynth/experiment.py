@@ -86,15 +86,10 @@ def ensure_synthetic(cfg: ExperimentConfig, fewshot: Path, root: Path, log: Log)
 
 def ensure_sweep_run(uri: str, experiment: str, sid: str, tags: dict[str, str], cfg: ExperimentConfig) -> str:
     """The sweep's parent MLflow run: the one an interrupted attempt opened (marked running again), else new."""
-    client = tracking.client_for(uri)
-    experiment_id = tracking.ensure_experiment(client, experiment)
-    query = f"tags.`{sweep.SWEEP_TAG}` = '{sid}' and tags.`{sweep.KIND_TAG}` = 'sweep'"
-    found = client.search_runs([experiment_id], filter_string=query, max_results=1)
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
-    run_id = tracking.start_run(uri, experiment, sid, tags={**tags, sweep.KIND_TAG: "sweep", sweep.SWEEP_TAG: sid})
-    tracking.log_params(uri, run_id, cfg)
+    run_id, created = tracking.reopen_or_start_run(uri, experiment, sid, tags=tags,
+                                                   match={sweep.SWEEP_TAG: sid, sweep.KIND_TAG: "sweep"})
+    if created:
+        tracking.log_params(uri, run_id, cfg)
     return run_id
 
 
@@ -114,9 +109,11 @@ def concurrency(plan, explicit: int | None, address: str | None) -> int:
 
 
 def run_stages(plan, address: str | None, log: Log) -> tuple[Path, Path | None]:
-    """Few-shot data (before Ray starts: a missing dataset fails in a second), then Ray, then the synthetic set."""
+    """Few-shot data and the tracking store before Ray starts (a missing dataset or an unreachable store fails in
+    seconds, before any compute), then Ray, then the synthetic set."""
     fewshot = ensure_fewshot(plan.cfg, plan.out / "synthetic" / "fewshot")
     log(f"few-shot data: {fewshot}")
+    tracking.ensure_experiment(tracking.client_for(plan.tracking_uri), plan.experiment)
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=True)
     log(f"Ray: {ray.cluster_resources()}")
     synthetic = ensure_synthetic(plan.cfg, fewshot, plan.out / "synthetic", log)
@@ -127,7 +124,6 @@ def run_experiment(plan, *, address: str | None, max_concurrent: int | None, num
                    require_resume: bool, log: Log = print) -> dict:
     """Every stage of the experiment in `plan` (fsynth.tune.Plan); returns the summary."""
     cfg, uri = plan.cfg, plan.tracking_uri
-    tracking.ensure_experiment(tracking.client_for(uri), plan.experiment)  # an unreachable store fails before compute
     fewshot, synthetic = run_stages(plan, address, log)
     space = plan.space
     if num_samples:
@@ -167,7 +163,9 @@ def run_sweep_and_finals(plan, space, ctx: sweep.TrialContext, tune_storage: str
     grid = sweep.restore_or_build(ctx, sweep.param_space(space), settings, name=ctx.sweep_id, storage=tune_storage,
                                   max_concurrent=max_concurrent, seed=plan.cfg.training.seed, final=False,
                                   log=log).fit()
-    tracking.end_open_children(ctx.tracking_uri, ctx.parent_run_id, "KILLED")  # trials ASHA stopped
+    counts = sweep.settle_runs(grid, ctx)
+    log("sweep done: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+        + " (killed = stopped early by ASHA)")
     values, score = sweep.best_values(grid, settings)
     log(f"best on validation ({settings.metric} {score:.4f}): {json.dumps(values, sort_keys=True)}")
     final_ctx = sweep.with_kind(ctx, "final")
@@ -175,6 +173,7 @@ def run_sweep_and_finals(plan, space, ctx: sweep.TrialContext, tune_storage: str
                                     name=f"{ctx.sweep_id}-final", storage=tune_storage,
                                     max_concurrent=max_concurrent, seed=plan.cfg.training.seed, final=True,
                                     log=log).fit()
+    sweep.settle_runs(finals, final_ctx)
     rows = sweep.final_results(finals)
     return finish_summary(plan, ctx, values, rows, log)
 
@@ -185,7 +184,7 @@ def finish_summary(plan, ctx: sweep.TrialContext, values: dict, rows: list[dict]
 
     uri, parent = ctx.tracking_uri, ctx.parent_run_id
     best_cfg = with_values(plan.cfg, values)
-    paper = paper_reference(best_cfg)
+    paper = paper_reference(best_cfg, log)
     text = format_summary(plan, rows, values, paper, tracking.ui_command(uri))
     s = summarise(rows)
     tracking.MlflowReporter(uri, parent)({"final/test_accuracy_mean": s["mean"], "final/test_accuracy_std": s["std"],
@@ -202,12 +201,13 @@ def finish_summary(plan, ctx: sweep.TrialContext, values: dict, rows: list[dict]
             "paper": {"label": paper.label, "accuracy": paper.accuracy} if paper else None, "parent_run_id": parent}
 
 
-def paper_reference(cfg: ExperimentConfig):
-    """The published cell this run is compared with (closest first), or None when the paper has none."""
-    from fsynth.paper import preset_of, reference_rows
-    from fsynth.tracking import flat_params
+def paper_reference(cfg: ExperimentConfig, log: Log = print):
+    """The published cell this run is compared with (closest first), or None when the paper has none here."""
+    from fsynth.paper import paper_tables_path, preset_of, reference_rows
 
-    params = flat_params(cfg)
-    cells = reference_rows(cfg.data.dataset, cfg.name, preset_of(params), shots=cfg.data.shots,
+    if not paper_tables_path().is_file():  # e.g. a cluster image without ../shared: the sweep's result stands
+        log(f"paper tables not found at {paper_tables_path()}; set FSYNTH_PAPER_TABLES to compare with the paper")
+        return None
+    cells = reference_rows(cfg.data.dataset, cfg.name, preset_of(tracking.flat_params(cfg)), shots=cfg.data.shots,
                            images_per_class=cfg.generator.images_per_class, arch=cfg.model.arch)
     return cells[0] if cells else None

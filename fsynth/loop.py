@@ -33,6 +33,9 @@ class LoopHooks:
     prepare_model: Callable[[nn.Module], nn.Module] = lambda m: m
     prepare_loader: Callable = lambda loader: loader
     is_chief: bool = True  # only the chief writes checkpoints
+    # [B, ...] on each rank -> [world * B, ...] in rank order: every rank updates the online centroids with
+    # every rank's synthetic features, so the centroids stay identical across DDP workers.
+    all_gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
 
 
 @dataclass
@@ -87,7 +90,21 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
-def _train_epoch(cfg, data, model, loader, optimizer, scheduler, scaler, dtype, partitioner, device, gen) -> dict:
+def _online_regions(model, images, synthetic, partitioner, hooks: LoopHooks) -> torch.Tensor:
+    """[B] regions of a batch under the current centroids, then the MacQueen update with every rank's synthetic
+    features (`model` may be a DDP wrapper: the encoder is its `.module`'s)."""
+    with torch.no_grad():
+        feats = getattr(model, "module", model).encode(images).float()
+    regions = partitioner.assign(feats)
+    all_feats = hooks.all_gather(feats)
+    all_synthetic = hooks.all_gather(synthetic.to(torch.uint8)).bool()
+    all_regions = partitioner.assign(all_feats) if all_feats is not feats else regions
+    partitioner.update(all_feats[all_synthetic], all_regions[all_synthetic])
+    return regions
+
+
+def _train_epoch(cfg, data, model, loader, optimizer, scheduler, scaler, dtype, partitioner, device, gen,
+                 hooks: LoopHooks) -> dict:
     """One pass over the epoch's items; returns the mean loss parts and the training accuracy."""
     model.train()
     sums = {k: 0.0 for k in ("loss", *PARTS)}
@@ -97,10 +114,7 @@ def _train_epoch(cfg, data, model, loader, optimizer, scheduler, scaler, dtype, 
         images, labels = batch["image"].to(device), batch["label"].to(device)
         synthetic, regions = batch["synthetic"].to(device), batch["region"].to(device)
         if partitioner is not None:  # online regions: assign with the current centroids, then update them
-            with torch.no_grad():
-                feats = model.encode(images).float()
-            regions = partitioner.assign(feats)
-            partitioner.update(feats[synthetic], regions[synthetic])
+            regions = _online_regions(model, images, synthetic, partitioner, hooks)
         targets = F.one_hot(labels, data.num_classes).float()
         images, targets = mix_within_domains(images, targets, synthetic.cpu(), cfg.training.mix_prob, gen)
         with amp:
@@ -202,7 +216,7 @@ def fit(cfg: ExperimentConfig, data: TrainData, model: nn.Module, report: Report
         loader = hooks.prepare_loader(make_loader(train_set, t.batch_size, shuffle=True, seed=seed,
                                                   workers=t.loader_workers))
         metrics = _train_epoch(cfg, data, wrapped, loader, optimizer, scheduler, scaler, dtype, partitioner,
-                               device, gen)
+                               device, gen, hooks)
         val = evaluate(model, val_loader, data.num_classes, device, dtype)
         metrics.update({"epoch": epoch, "lr": scheduler.get_last_lr()[0], "val/accuracy": val.accuracy,
                         "val/loss": val.loss})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -71,9 +72,13 @@ class TrialContext:
 
 
 def trial_config(ctx: TrialContext, values: dict[str, Any]) -> ExperimentConfig:
-    """The config one trial trains: the base with its sampled values; sweep trials never evaluate the test set."""
+    """The config one trial trains: the base with its sampled values. Sweep trials never evaluate the test set and
+    skip the Figure 2 measurement pass (selection does not use it; the loss parts are still logged every epoch);
+    the final seeds do both."""
     cfg = with_values(config_from_dict(ctx.base), values)
-    return with_values(cfg, {"training.evaluate_test": ctx.kind == "final"})
+    final = ctx.kind == "final"
+    return with_values(cfg, {"training.evaluate_test": final,
+                             "training.measure_regularisers": final and cfg.training.measure_regularisers})
 
 
 def train_run_name(ctx: TrialContext, cfg: ExperimentConfig, index: int) -> str:
@@ -91,17 +96,11 @@ def _trial_index() -> int:
 
 def ensure_child_run(ctx: TrialContext, name: str, cfg: ExperimentConfig, extra_tags: dict[str, str]) -> str:
     """The trial's nested MLflow run: the one a previous attempt of the same Train run opened, else a new one."""
-    client = tracking.client_for(ctx.tracking_uri)
-    experiment_id = tracking.ensure_experiment(client, ctx.experiment)
-    query = (f"tags.`{tracking.PARENT_TAG}` = '{ctx.parent_run_id}' and tags.`{TRAIN_NAME_TAG}` = '{name}'")
-    found = client.search_runs([experiment_id], filter_string=query, max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        return run_id
-    tags = {**dict(ctx.tags), KIND_TAG: ctx.kind, SWEEP_TAG: ctx.sweep_id, TRAIN_NAME_TAG: name, **extra_tags}
-    run_id = tracking.start_run(ctx.tracking_uri, ctx.experiment, name, parent_run_id=ctx.parent_run_id, tags=tags)
-    tracking.log_params(ctx.tracking_uri, run_id, cfg)
+    run_id, created = tracking.reopen_or_start_run(
+        ctx.tracking_uri, ctx.experiment, name, match={TRAIN_NAME_TAG: name}, parent_run_id=ctx.parent_run_id,
+        tags={**dict(ctx.tags), KIND_TAG: ctx.kind, SWEEP_TAG: ctx.sweep_id, **extra_tags})
+    if created:
+        tracking.log_params(ctx.tracking_uri, run_id, cfg)
     return run_id
 
 
@@ -122,19 +121,39 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     name = train_run_name(ctx, cfg, _trial_index())
     extra = {"fsynth.seed": str(cfg.training.seed)} if ctx.kind == "final" else {}
     run_id = ensure_child_run(ctx, name, cfg, {**extra, "fsynth.values": json.dumps(values, sort_keys=True)})
+    # MLflow first: Tune may stop the trial (ASHA) as soon as it sees a result, before later callbacks run.
     trainer = build_trainer(cfg, fewshot_dir=ctx.fewshot_dir, synthetic_manifest=ctx.synthetic_manifest,
                             cache_dir=ctx.cache_dir, storage=ctx.train_storage, name=name,
                             max_failures=ctx.max_failures,
-                            callbacks=[TuneReportCallback(), MlflowTrainCallback(ctx.tracking_uri, run_id)])
-    try:
-        result = trainer.fit()
-        if result.error is not None:
-            raise result.error
-        log_run_artifacts(ctx, run_id, cfg, result.checkpoint)
-    except Exception:
-        tracking.end_run(ctx.tracking_uri, run_id, "FAILED")
-        raise
+                            callbacks=[MlflowTrainCallback(ctx.tracking_uri, run_id), TuneReportCallback()])
+    result = trainer.fit()  # a failure or an ASHA stop leaves the run RUNNING: settle_runs ends it from Tune's view
+    if result.error is not None:
+        raise result.error
+    log_run_artifacts(ctx, run_id, cfg, result.checkpoint)
     tracking.end_run(ctx.tracking_uri, run_id, "FINISHED")
+
+
+def _result_index(result) -> int:
+    """A Tune result's trial slot, from its trial directory name (run_trial_<id>_00003_3_...)."""
+    match = re.search(r"_(\d{5})_", Path(result.path).name)
+    return int(match.group(1)) if match else 0
+
+
+def settle_runs(grid, ctx: TrialContext) -> dict[str, int]:
+    """End every trial's MLflow run as Tune saw it: FINISHED (completed), KILLED (stopped early by the scheduler)
+    or FAILED (an error); return the counts. Runs a trial already ended are left as they are."""
+    client = tracking.client_for(ctx.tracking_uri)
+    counts: dict[str, int] = {}
+    for r in grid:
+        name = train_run_name(ctx, trial_config(ctx, sampled_values(r.config)), _result_index(r))
+        status = "FAILED" if r.error is not None else (
+            "FINISHED" if r.metrics and "best/val_accuracy" in r.metrics else "KILLED")
+        counts[status] = counts.get(status, 0) + 1
+        query = (f"tags.`{tracking.PARENT_TAG}` = '{ctx.parent_run_id}' and tags.`{TRAIN_NAME_TAG}` = '{name}' "
+                 "and attributes.status = 'RUNNING'")
+        for run in client.search_runs([client.get_run(ctx.parent_run_id).info.experiment_id], query):
+            client.set_terminated(run.info.run_id, status=status)
+    return counts
 
 
 def metric_history(uri: str, run_id: str, keys: tuple[str, ...] = CURVE_KEYS) -> list[dict]:
@@ -215,9 +234,12 @@ def build_tuner(ctx: TrialContext, params: dict, settings: TuneSettings, *, name
     """A Tuner over `run_trial`: ASHA (sweep) or FIFO (final seeds), deterministic sampling, resumable by name."""
     scheduler = None
     if settings.scheduler == "asha" and not final:
+        # Iterations = epochs + 1 (fit's final report); stop_last_trials=False lets a trial that reaches the end
+        # finish its final report and artifacts instead of being stopped at max_t.
+        epochs = max(1, config_from_dict(ctx.base).training.epochs)
         scheduler = ray.tune.schedulers.ASHAScheduler(
-            time_attr="training_iteration", max_t=max(1, config_from_dict(ctx.base).training.epochs + 1),
-            grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
+            time_attr="training_iteration", max_t=epochs, grace_period=min(settings.grace_period, epochs),
+            reduction_factor=settings.reduction_factor, stop_last_trials=False)
     # The generator's own limit: Tune ignores max_concurrent_trials when given a search generator.
     search = ray.tune.search.BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
     return ray.tune.Tuner(

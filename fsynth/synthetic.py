@@ -226,16 +226,33 @@ def run_groups_direct(generator, table: pd.DataFrame, out_dir: str | Path, group
 
 
 def finish_synthetic_set(out_dir: str | Path, table: pd.DataFrame, grid_per_class: int = 8) -> Path:
-    """Check every image of the table, write manifest.parquet and samples.png; return the manifest path."""
+    """Check every image of the table, write manifest.parquet and samples.png; return the manifest path.
+
+    A set whose manifest already lists exactly these rows is left as it is (a cached stage is not rewritten).
+    """
     out = Path(out_dir).resolve()
     left = missing_groups(table, out)
     if left:
         raise FsynthError(f"{out} still lacks images in {len(left)} groups; run the same command again to make "
                           "only the missing ones")
     rows = table.assign(path=[str(out / relative_png(s)) for s in table["sample_id"]])
+    if _manifest_matches(out / MANIFEST_NAME, rows) and (out / GRID_NAME).is_file():
+        return out / MANIFEST_NAME
     path = write_synthetic_manifest(rows, out)
     write_sample_grid(rows, out / GRID_NAME, grid_per_class)
     return path
+
+
+def _manifest_matches(path: Path, rows: pd.DataFrame) -> bool:
+    """Whether the manifest at `path` holds exactly `rows` (same columns' values, same order)."""
+    if not path.is_file():
+        return False
+    try:
+        stored = pd.read_parquet(path)
+    except (OSError, ValueError):  # unreadable: rewrite it
+        return False
+    wanted = rows[list(SYNTHETIC_COLUMNS)].reset_index(drop=True)
+    return list(stored.columns) == list(wanted.columns) and stored.equals(wanted)
 
 
 def write_sample_grid(rows: pd.DataFrame, path: str | Path, per_class: int = 8, cell: int = 64) -> Path:

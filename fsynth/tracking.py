@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import numbers
 import re
 import shlex
@@ -77,6 +78,11 @@ def resolve_tracking_uri(uri: str, storage: str | Path = "") -> str:
     raise _file_store_error(uri)  # a bare folder such as ./mlruns
 
 
+# MLflow's and alembic's INFO lines about creating the sqlite schema would bury fsynth's own one-line messages.
+for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
 def client_for(uri: str) -> MlflowClient:
     """A client bound to `uri` (MLflow caches the store per URI, so this is cheap after the first call)."""
     return MlflowClient(tracking_uri=uri)
@@ -114,6 +120,21 @@ def start_run(uri: str, experiment: str, name: str, *, parent_run_id: str | None
         all_tags[PARENT_TAG] = parent_run_id
     run = client.create_run(ensure_experiment(client, experiment), tags=all_tags, run_name=name)
     return run.info.run_id
+
+
+def reopen_or_start_run(uri: str, experiment: str, name: str, *, match: Mapping[str, str],
+                        parent_run_id: str | None = None, tags: Mapping[str, Any] | None = None) -> tuple[str, bool]:
+    """(run id, created): the run whose tags equal `match` (an interrupted attempt of the same work), marked
+    RUNNING again, else a new run with `tags` and `match` as tags. Resuming work never duplicates its run."""
+    client = client_for(uri)
+    experiment_id = ensure_experiment(client, experiment)
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in {**match, **(
+        {PARENT_TAG: parent_run_id} if parent_run_id else {})}.items())
+    found = client.search_runs([experiment_id], filter_string=query, max_results=1)
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id, False
+    return start_run(uri, experiment, name, parent_run_id=parent_run_id, tags={**(tags or {}), **match}), True
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

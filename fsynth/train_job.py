@@ -63,6 +63,14 @@ def _distributed_loader(loader):
     return prepared
 
 
+def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """[B, ...] from every rank -> [world * B, ...] in rank order (ranks hold equal batch sizes: Ray's
+    DistributedSampler pads every rank to the same number of samples)."""
+    parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
 def _resume_dir(checkpoint, local: Path) -> str | None:
     """A local copy of Ray's checkpoint, as a directory `fit` resumes from (None: nothing to resume)."""
     if checkpoint is None:
@@ -114,7 +122,7 @@ def train_loop_per_worker(config: dict) -> None:
         resume = _resume_dir(ray.train.get_checkpoint(), local)
         hooks = LoopHooks(prepare_model=ray.train.torch.prepare_model if world > 1 else (lambda m: m),
                           prepare_loader=_distributed_loader if world > 1 else (lambda loader: loader),
-                          is_chief=chief)
+                          is_chief=chief, all_gather=_all_gather if world > 1 else (lambda t: t))
         fit(cfg, data, model, _Reporter(chief, resume), workdir=local / "work", regions=regions,
             resume_from=resume, device=device, hooks=hooks)
     finally:  # Ray has already persisted every reported checkpoint

@@ -179,3 +179,14 @@ def test_finish_writes_manifest_joined_to_files_and_a_grid(tmp_path):
             assert img.text["fsynth:sample_id"] == row.sample_id
     with Image.open(out / "samples.png") as grid:
         assert grid.size == (4 * 64, 2 * 64)
+
+
+def test_finishing_a_finished_set_rewrites_nothing(tmp_path):
+    _, table, out = toy_set(tmp_path)
+    run_groups_direct(ColourGenerator(), table, out, missing_groups(table, out))
+    manifest = finish_synthetic_set(out, table)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (manifest, out / "samples.png")}
+    assert finish_synthetic_set(out, table) == manifest
+    assert {p.name: p.stat().st_mtime_ns for p in (manifest, out / "samples.png")} == stamps
+    pd.DataFrame({"x": [1]}).to_parquet(manifest)  # a manifest that is not this set's is written again
+    assert len(load_synthetic_manifest(finish_synthetic_set(out, table))) == len(table)

@@ -64,7 +64,8 @@ def test_two_worker_ddp_run(tmp_path, ray_local):
     from fsynth.train_job import run_train_job
 
     make_root("folder", tmp_path / "data", per_class=8)
-    cfg = tiny_config(tmp_path / "data", "resources.num_workers=2")
+    # online regions: each rank's encoder is reached through the DDP wrapper, centroids updated from all ranks
+    cfg = tiny_config(tmp_path / "data", "resources.num_workers=2", "partition.mode=online")
     result = run_train_job(cfg, fewshot_dir=ensure_fewshot(cfg, tmp_path / "fewshot"), cache_dir=tmp_path / "cache",
                            storage=tmp_path / "ray")
     assert result.error is None and "test/accuracy" in result.metrics

@@ -1,0 +1,180 @@
+"""`python -m fsynth.tune`: resolving the run, bad input before Ray starts, and the whole smoke sweep end to end
+(interrupted by killing its driver, then continued by the same command) checked in the MLflow store."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fsynth import tune
+from fsynth.errors import ConfigError
+from tests.data.fake_roots import make_root
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def resolve(*argv: str) -> tune.Plan:
+    return tune.resolve(tune.build_parser().parse_args(["--out", "/tmp/fsynth-test-out", *argv]))
+
+
+def test_the_dataset_space_and_preset_are_picked_and_flags_win():
+    plan = resolve("--dataset", "fashion-mnist")
+    assert Path(plan.space.path).name == "fashion-mnist.yaml" and plan.cfg.model.arch == "efficientnet-lite0"
+    assert plan.cfg.training.epochs == 3 and plan.cfg.data.test_per_class == 200  # demo.yaml's fixed values
+    assert plan.seeds == [0, 1, 2] and plan.cfg.name == "method"
+    plan = resolve("--dataset", "fashion-mnist", "--set", "training.epochs=7", "--shots", "4", "--seeds", "2",
+                   "--baseline", "real-only", "--root", "rel/data")
+    assert plan.cfg.training.epochs == 7 and plan.cfg.data.shots == 4 and plan.seeds == [0, 1]
+    assert plan.cfg.name == "real-only" and not plan.cfg.training.use_synthetic
+    assert Path(plan.cfg.data.root).is_absolute() and plan.out.is_absolute()
+    dtd = resolve("--dataset", "dtd")
+    assert Path(dtd.space.path).name == "default.yaml" and dtd.cfg.loss.preset == "protoaug"
+    assert dtd.tracking_uri.startswith("sqlite:////") and dtd.storage == "/tmp/fsynth-test-out"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--max-concurrent", "-1"], "--max-concurrent must be at least 1"),
+    (["--space", "nope"], "does not exist; choose one of"),
+    (["--set", "training.lrr=1"], "training.lrr"),
+    (["--tracking-uri", "./mlruns"], "MLflow file store"),
+])
+def test_bad_input_is_one_line_before_anything_runs(argv, message):
+    with pytest.raises(ConfigError) as info:
+        resolve("--dataset", "fashion-mnist", *argv)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_space_that_samples_the_generator_is_refused(tmp_path):
+    path = tmp_path / "gen.yaml"
+    path.write_text("preset: embedded\nsample:\n  generator.images_per_class: {grid: [16, 32]}\n")
+    with pytest.raises(ConfigError, match="cannot be sampled: every trial shares one synthetic set"):
+        resolve("--dataset", "fashion-mnist", "--space", str(path))
+
+
+def test_partition_variants_cover_the_grid():
+    variants = tune.partition_variants(resolve("--dataset", "dtd"))
+    assert variants == [{"partition.mode": "static", "partition.cluster_multiple": m} for m in (1.0, 2.0, 4.0)] + [
+        {"partition.mode": "single", "partition.cluster_multiple": 1.0}]
+    assert tune.partition_variants(resolve("--dataset", "eurosat", "--space", "lightweight")) == [
+        {"partition.cluster_multiple": m} for m in (1.0, 2.0, 4.0)]
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path, capsys):
+    code = tune_main(["--dataset", "dtd", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "does not exist" in err and "--download" in err and "--root" in err
+
+
+def tune_main(argv):
+    from fsynth.cli import run_main
+
+    return run_main(tune.main, argv)
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+
+def _command(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "fsynth.tune", "--dataset", "folder", "--root", str(data), "--space", "smoke",
+            "--out", str(out), *extra]
+
+
+def _trial_states(tune_dir: Path) -> dict[str, str]:
+    """Tune's saved view of the sweep: trial id -> status."""
+    states = {}
+    for path in sorted(glob.glob(str(tune_dir / "experiment_state-*.json"))):
+        try:
+            for row in json.loads(Path(path).read_text())["trial_data"]:
+                trial = json.loads(row[0])
+                states[trial["trial_id"]] = trial["status"]
+        except (ValueError, KeyError):  # being rewritten right now
+            continue
+    return states
+
+
+def _kill_when_a_trial_finishes(proc: subprocess.Popen, out: Path, timeout: float = 900) -> dict[str, str]:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        dirs = [d for d in (out / "tune").glob("*") if not d.name.endswith("-final")] if (out / "tune").is_dir() else []
+        states = _trial_states(dirs[0]) if dirs else {}
+        finished = list(states.values()).count("TERMINATED")
+        if finished and (len(states) < 4 or finished < len(states)):  # mid-sweep: some done, some not
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started die at once
+            proc.wait()
+            return states
+        time.sleep(1)
+    proc.kill()
+    pytest.fail(f"no trial finished before the sweep ended or timed out (exit {proc.poll()})")
+
+
+@pytest.mark.slow
+def test_smoke_sweep_killed_then_continued_is_tracked_in_mlflow(tmp_path):
+    from mlflow import MlflowClient
+
+    data, out = make_root("folder", tmp_path / "data", per_class=8), tmp_path / "runs"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "RAY_DEDUP_LOGS": "0"}
+    first = subprocess.Popen(_command(data, out, "--seeds", "2"), cwd=tmp_path, env=env, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    states = _kill_when_a_trial_finishes(first, out)
+    done = sorted(t for t, s in states.items() if s == "TERMINATED")
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    history_before = _trial_histories(client)
+    cache_before = sorted((p.name, p.stat().st_mtime_ns) for p in (out / "cache").iterdir())
+    manifest = next((out / "synthetic").glob("folder-ddpm-*/manifest.parquet"))
+    manifest_mtime = manifest.stat().st_mtime_ns
+
+    again = subprocess.run(_command(data, out, "--seeds", "2", "--resume"), cwd=tmp_path, env=env, timeout=900,
+                           capture_output=True, text=True)
+    log = again.stdout + again.stderr
+    assert again.returncode == 0, log[-3000:]
+    assert "resuming" in log and "reusing the trained DDPM" in log and "0 groups to make" in log
+    assert manifest.stat().st_mtime_ns == manifest_mtime  # no cached stage was rebuilt
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (out / "cache").iterdir()) == cache_before
+    assert "test accuracy:" in log and "mlflow ui --backend-store-uri" in log
+
+    runs = client.search_runs([client.get_experiment_by_name("fsynth").experiment_id], max_results=100)
+    by_kind = {k: [r for r in runs if r.data.tags.get("fsynth.kind") == k] for k in ("sweep", "trial", "final")}
+    (parent,) = by_kind["sweep"]
+    assert parent.info.status == "FINISHED" and len(by_kind["trial"]) == 4 and len(by_kind["final"]) == 2
+    for run in by_kind["trial"] + by_kind["final"]:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status in ("FINISHED", "KILLED")  # KILLED = stopped early by ASHA
+        assert "training.lr" in run.data.params and "val/accuracy" in run.data.metrics
+    for index in (int(t.rsplit("_", 1)[1]) for t in done):  # finished before the kill: never run again
+        name = next(n for n in history_before if n.endswith(f"trial{index:03d}"))
+        assert _trial_histories(client)[name] == history_before[name]
+    finals = sorted(by_kind["final"], key=lambda r: int(r.data.tags["fsynth.seed"]))
+    assert [r.data.tags["fsynth.seed"] for r in finals] == ["0", "1"]
+    for run in finals:
+        assert run.info.status == "FINISHED" and 0.0 <= run.data.metrics["test/accuracy"] <= 1.0
+        artifacts = _artifacts(client, run.info.run_id)
+        assert {"config.yaml", "curves.png", "confusion_test.png", "confusion_test.csv",
+                "model/adapters.safetensors"} <= artifacts
+    assert not any("test/accuracy" in r.data.metrics for r in by_kind["trial"])  # trials never see test
+    assert {"summary.md", "base_config.yaml", "space/smoke.yaml", "synthetic/samples.png"} <= _artifacts(
+        client, parent.info.run_id)
+    assert parent.data.metrics["final/seeds"] == 2 and "fsynth.best_values" in parent.data.tags
+
+
+def _trial_histories(client) -> dict[str, int]:
+    """Trial run name -> number of val/accuracy points logged (a rerun of a finished trial would add some)."""
+    exp = client.get_experiment_by_name("fsynth").experiment_id
+    runs = client.search_runs([exp], filter_string="tags.`fsynth.kind` = 'trial'")
+    return {r.data.tags["fsynth.train_name"]: len(client.get_metric_history(r.info.run_id, "val/accuracy"))
+            for r in runs}
+
+
+def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for info in client.list_artifacts(run_id, path):
+        found |= _artifacts(client, run_id, info.path) if info.is_dir else {info.path}
+    return found
