@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 import ray.tune
@@ -15,6 +17,9 @@ from fsynth.baselines import needs_synthetic
 from fsynth.config import ExperimentConfig, config_from_dict, config_to_dict, save_config, with_values
 from fsynth.errors import ConfigError, FsynthError
 from fsynth.stages import ensure_fewshot
+
+if TYPE_CHECKING:
+    from fsynth.tune import Plan
 
 Log = Callable[[str], None]
 
@@ -93,7 +98,7 @@ def ensure_sweep_run(uri: str, experiment: str, sid: str, tags: dict[str, str], 
     return run_id
 
 
-def log_sweep_inputs(uri: str, run_id: str, plan, synthetic: Path | None) -> None:
+def log_sweep_inputs(uri: str, run_id: str, plan: Plan, synthetic: Path | None) -> None:
     """The space file, the resolved base config and the synthetic sample grid, on the sweep's run."""
     with tempfile.TemporaryDirectory(prefix="fsynth-sweep-") as tmp:
         tracking.log_artifacts(uri, run_id, save_config(plan.cfg, Path(tmp) / "base_config.yaml"))
@@ -103,12 +108,13 @@ def log_sweep_inputs(uri: str, run_id: str, plan, synthetic: Path | None) -> Non
         tracking.log_artifacts(uri, run_id, grid, "synthetic")
 
 
-def concurrency(plan, explicit: int | None, address: str | None) -> int:
+def concurrency(plan: Plan, explicit: int | None, address: str | None) -> int:
+    """Trials at once: --max-concurrent, else the space's tune.max_concurrent, else what the cluster fits."""
     return explicit or plan.space.tune.max_concurrent or sweep.derive_max_concurrent(
         plan.cfg, ray.cluster_resources(), on_existing_cluster=bool(address))
 
 
-def run_stages(plan, address: str | None, log: Log) -> tuple[Path, Path | None]:
+def run_stages(plan: Plan, address: str | None, log: Log) -> tuple[Path, Path | None]:
     """Few-shot data and the tracking store before Ray starts (a missing dataset or an unreachable store fails in
     seconds, before any compute), then Ray, then the synthetic set."""
     fewshot = ensure_fewshot(plan.cfg, plan.out / "synthetic" / "fewshot")
@@ -120,15 +126,13 @@ def run_stages(plan, address: str | None, log: Log) -> tuple[Path, Path | None]:
     return fewshot, synthetic
 
 
-def run_experiment(plan, *, address: str | None, max_concurrent: int | None, num_samples: int | None,
+def run_experiment(plan: Plan, *, address: str | None, max_concurrent: int | None, num_samples: int | None,
                    require_resume: bool, log: Log = print) -> dict:
     """Every stage of the experiment in `plan` (fsynth.tune.Plan); returns the summary."""
     cfg, uri = plan.cfg, plan.tracking_uri
     fewshot, synthetic = run_stages(plan, address, log)
     space = plan.space
     if num_samples:
-        from dataclasses import replace
-
         space = replace(space, tune=replace(space.tune, num_samples=num_samples))
     sid = sweep.sweep_id(cfg, space, {"fewshot": str(fewshot), "synthetic": str(synthetic)})
     tune_storage = f"{plan.storage.rstrip('/')}/tune"
@@ -155,7 +159,7 @@ def run_experiment(plan, *, address: str | None, max_concurrent: int | None, num
     return summary
 
 
-def run_sweep_and_finals(plan, space, ctx: sweep.TrialContext, tune_storage: str, max_concurrent: int,
+def run_sweep_and_finals(plan: Plan, space, ctx: sweep.TrialContext, tune_storage: str, max_concurrent: int,
                          log: Log) -> dict:
     """The Tune sweep (ASHA on validation), then the best values with every final seed (tested once)."""
     settings = space.tune
@@ -178,7 +182,7 @@ def run_sweep_and_finals(plan, space, ctx: sweep.TrialContext, tune_storage: str
     return finish_summary(plan, ctx, values, rows, log)
 
 
-def finish_summary(plan, ctx: sweep.TrialContext, values: dict, rows: list[dict], log: Log) -> dict:
+def finish_summary(plan: Plan, ctx: sweep.TrialContext, values: dict, rows: list[dict], log: Log) -> dict:
     """Print the summary, log it (metrics, tag, summary.md) to the sweep's run, return it."""
     from fsynth.tune import format_summary, summarise
 

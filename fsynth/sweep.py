@@ -99,8 +99,10 @@ def ensure_child_run(ctx: TrialContext, name: str, cfg: ExperimentConfig, extra_
     run_id, created = tracking.reopen_or_start_run(
         ctx.tracking_uri, ctx.experiment, name, match={TRAIN_NAME_TAG: name}, parent_run_id=ctx.parent_run_id,
         tags={**dict(ctx.tags), KIND_TAG: ctx.kind, SWEEP_TAG: ctx.sweep_id, **extra_tags})
-    if created:
+    if created:  # params and the resolved config at the start: a trial ASHA stops early still has both
         tracking.log_params(ctx.tracking_uri, run_id, cfg)
+        with tempfile.TemporaryDirectory(prefix="fsynth-config-") as tmp:
+            tracking.log_artifacts(ctx.tracking_uri, run_id, save_config(cfg, Path(tmp) / "config.yaml"))
     return run_id
 
 
@@ -134,8 +136,11 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
 
 
 def _result_index(result) -> int:
-    """A Tune result's trial slot, from its trial directory name (run_trial_<id>_00003_3_...)."""
-    match = re.search(r"_(\d{5})_", Path(result.path).name)
+    """A Tune result's trial slot: the tail of its trial id (<5 hex>_00003), from the metrics or the trial
+    directory name (run_trial_<5 hex>_00003_3_...). The hex part may be all digits, so it is matched as a pair."""
+    trial_id = str((result.metrics or {}).get("trial_id", ""))
+    match = re.fullmatch(r"[0-9a-f]+_(\d+)", trial_id) or re.search(r"_[0-9a-f]{5}_(\d{5})(?:_|$)",
+                                                                     Path(result.path).name)
     return int(match.group(1)) if match else 0
 
 
@@ -167,15 +172,12 @@ def metric_history(uri: str, run_id: str, keys: tuple[str, ...] = CURVE_KEYS) ->
 
 
 def log_run_artifacts(ctx: TrialContext, run_id: str, cfg: ExperimentConfig, checkpoint) -> None:
-    """The resolved config for every run; for final runs also the adapters, the test confusion matrix and the
-    regulariser curves."""
+    """The curves of every finished run; for final runs also the adapters and the test confusion matrix."""
     from fsynth.plots import plot_confusion, plot_regulariser_curves, save_confusion_csv
 
     uri = ctx.tracking_uri
     with tempfile.TemporaryDirectory(prefix="fsynth-artifacts-") as tmp:
         tmp = Path(tmp)
-        save_config(cfg, tmp / "config.yaml")
-        tracking.log_artifacts(uri, run_id, tmp / "config.yaml")
         history = metric_history(uri, run_id)
         title = f"{cfg.data.dataset} {cfg.name} seed {cfg.training.seed}"
         tracking.log_artifacts(uri, run_id, plot_regulariser_curves(history, tmp / "curves.png", title=title))

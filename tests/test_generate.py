@@ -59,7 +59,7 @@ def test_direct_mode_with_the_sd_backend_on_a_local_pipeline(fashion, tiny, tmp_
     assert "fashion-mnist-sd-" in result.stdout and "quality:" not in result.stdout
 
 
-def test_bad_input_is_one_line_and_status_2(fashion, tiny, tmp_path):
+def test_bad_input_is_one_line_and_status_2(fashion, tiny, tmp_path, capsys):
     base = ["--dataset", "fashion-mnist", "--root", str(fashion), "--out", str(tmp_path / "out"), "--direct",
             "--set", "data.shots=2", "--set", "data.val_per_class=1"]
     sd = ["--backend", "sd", "--set", "generator.finetune.enabled=false", "--set", "generator.dtype=float32"]
@@ -74,10 +74,15 @@ def test_bad_input_is_one_line_and_status_2(fashion, tiny, tmp_path):
         (["--set", "generator.backend=dalle"], "must be one of 'sd', 'ddpm'"),
         (["--actors", "0"], "--actors must be at least 1"),
     ]
-    for extra, expected in cases:
-        result = run(*base, *extra, cwd=tmp_path)
-        assert result.returncode == 2, (extra, result.stderr[-2000:])
-        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, (extra, result.stderr)
-        assert expected in result.stderr, (extra, result.stderr)
-    unknown = run(*base, "--backend", "dalle", cwd=tmp_path)
-    assert unknown.returncode == 2 and "invalid choice: 'dalle'" in unknown.stderr
+    from fsynth.cli import run_main
+    from fsynth.generate import main
+
+    for extra, expected in cases:  # in-process: the CLI's own code path, without an interpreter start per case
+        code = run_main(main, [*base, *extra])
+        err = capsys.readouterr().err
+        assert code == 2, (extra, err[-2000:])
+        assert err.startswith("error: ") and err.count("\n") == 1, (extra, err)
+        assert expected in err, (extra, err)
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own check
+        run_main(main, [*base, "--backend", "dalle"])
+    assert exit_info.value.code == 2 and "invalid choice: 'dalle'" in capsys.readouterr().err

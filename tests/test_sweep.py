@@ -120,3 +120,15 @@ def test_mlflow_callback_and_child_runs_against_a_real_store(tmp_path):
     run = tracking.client_for(uri).get_run(run_id)
     assert run.data.tags[tracking.PARENT_TAG] == parent and run.data.tags[sweep.KIND_TAG] == "trial"
     assert run.data.params["training.lr"] == "0.001" and run.data.params["training.evaluate_test"] == "False"
+
+
+def test_result_index_reads_the_trial_slot_even_when_the_id_is_all_digits():
+    from types import SimpleNamespace
+
+    def result(path, metrics=None):
+        return SimpleNamespace(path=path, metrics=metrics)
+
+    name = "/s/run_trial_12230_00002_2_partition_mode=static,training_lr=0.0010_2026-11-25_19-11-22"
+    assert sweep._result_index(result(name)) == 2
+    assert sweep._result_index(result("/s/run_trial_a9f0e_00013_13_x=1")) == 13
+    assert sweep._result_index(result(name, {"trial_id": "12230_00003"})) == 3

@@ -33,7 +33,7 @@ def test_real_only_run_prints_val_and_test_and_resumes(tmp_path):
     assert "epoch   0" not in again.stdout
 
 
-def test_bad_input_is_one_line_and_status_2(tmp_path):
+def test_bad_input_is_one_line_and_status_2(tmp_path, capsys):
     make_root("folder", tmp_path / "data", per_class=8)
     base = ["--dataset", "folder", "--root", str(tmp_path / "data"), "--out", str(tmp_path / "runs")]
     cases = [
@@ -43,10 +43,14 @@ def test_bad_input_is_one_line_and_status_2(tmp_path):
         (["--baseline", "method", "--synthetic", str(tmp_path / "none.parquet"), *TINY],
          "synthetic manifest"),
     ]
-    for extra, expected in cases:
-        result = run(*base, *extra, cwd=tmp_path)
-        assert result.returncode == 2, (extra, result.stderr[-2000:])
-        assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    from fsynth.cli import run_main
+    from fsynth.train import main
+
+    for extra, expected in cases:  # in-process: the CLI's own code path, without an interpreter start per case
+        code = run_main(main, [*base, *extra])
+        err = capsys.readouterr().err
+        assert code == 2, (extra, err[-2000:])
+        assert expected in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_result_carries_the_synthetic_set_s_quality(tmp_path):
