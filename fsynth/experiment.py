@@ -15,7 +15,8 @@ import ray.tune
 from fsynth import sweep, tracking
 from fsynth.baselines import needs_synthetic
 from fsynth.config import ExperimentConfig, config_from_dict, config_to_dict, save_config, with_values
-from fsynth.errors import ConfigError, FsynthError
+from fsynth.errors import ConfigError
+from fsynth.generate_job import one_line_task_errors
 from fsynth.stages import ensure_fewshot
 
 if TYPE_CHECKING:
@@ -46,12 +47,6 @@ def _quality_task(cfg_dict: dict, fewshot_dir: str, manifest: str) -> dict | Non
     return ensure_quality(config_from_dict(cfg_dict), fewshot_dir, manifest, pick_device())
 
 
-def _unwrap(exc: BaseException) -> BaseException:
-    """A Ray task's FsynthError as itself (one line for the CLI), anything else unchanged."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, FsynthError) else exc
-
-
 def ensure_regions_on_cluster(cfg: ExperimentConfig, variants: list[dict], fewshot: Path, synthetic: Path | None,
                               cache_dir: Path, log: Log) -> None:
     """Static regions for every partition of the space, one Ray task each (cached: a rerun only loads them)."""
@@ -61,11 +56,9 @@ def ensure_regions_on_cluster(cfg: ExperimentConfig, variants: list[dict], fewsh
     task = _regions_task.options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)
     refs = [task.remote(config_to_dict(c), str(fewshot), str(synthetic) if synthetic else None, str(cache_dir))
             for c in cfgs]
-    try:
+    with one_line_task_errors():
         for done in ray.get(refs):
             log(f"regions ready: {done}")
-    except ray.exceptions.RayTaskError as exc:
-        raise _unwrap(exc) from None
 
 
 def ensure_synthetic(cfg: ExperimentConfig, fewshot: Path, root: Path, log: Log) -> Path | None:
@@ -78,10 +71,8 @@ def ensure_synthetic(cfg: ExperimentConfig, fewshot: Path, root: Path, log: Log)
     manifest = run_generation_job(cfg, fewshot, root, log=log)
     r = cfg.resources
     quality = _quality_task.options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)
-    try:
+    with one_line_task_errors():
         metrics = ray.get(quality.remote(config_to_dict(cfg), str(fewshot), str(manifest)))
-    except ray.exceptions.RayTaskError as exc:
-        raise _unwrap(exc) from None
     if metrics:
         log("synthetic quality: " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items()
                                                if isinstance(v, float)))

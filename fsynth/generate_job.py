@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -60,10 +61,17 @@ def ensure_artefact_on_cluster(cfg: ExperimentConfig, fewshot_dir: Path, root: P
     The backend is built there rather than here: the driver may be a small head node that should not load a
     Stable Diffusion pipeline just to learn its fingerprint.
     """
-    try:
+    with one_line_task_errors():
         return _artefact_on_cluster(cfg, fewshot_dir, root)
+
+
+@contextmanager
+def one_line_task_errors():
+    """A Ray task's own FsynthError reaches the caller as itself (one line for the CLI), not Ray's traceback."""
+    try:
+        yield
     except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, FsynthError):  # the task's own one-line error, without Ray's traceback
+        if isinstance(exc.cause, FsynthError):
             raise exc.cause from None
         raise
 

@@ -87,11 +87,14 @@ def train_run_name(ctx: TrialContext, cfg: ExperimentConfig, index: int) -> str:
     return f"{base}-{ctx.kind}{index:03d}"
 
 
+def trial_slot(trial_id: str) -> int | None:
+    """The trial's position in the sweep from its Tune id (<5 hex>_00003 -> 3), stable across a restore."""
+    match = re.fullmatch(r"[0-9a-f]+_(\d+)", trial_id or "")
+    return int(match.group(1)) if match else None
+
+
 def _trial_index() -> int:
-    """The trial's position in the sweep (Tune ids end in _00003), stable across a restore."""
-    trial_id = ray.tune.get_context().get_trial_id() or "0"
-    tail = trial_id.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
+    return trial_slot(ray.tune.get_context().get_trial_id()) or 0
 
 
 def ensure_child_run(ctx: TrialContext, name: str, cfg: ExperimentConfig, extra_tags: dict[str, str]) -> str:
@@ -138,26 +141,23 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
 def _result_index(result) -> int:
     """A Tune result's trial slot: the tail of its trial id (<5 hex>_00003), from the metrics or the trial
     directory name (run_trial_<5 hex>_00003_3_...). The hex part may be all digits, so it is matched as a pair."""
-    trial_id = str((result.metrics or {}).get("trial_id", ""))
-    match = re.fullmatch(r"[0-9a-f]+_(\d+)", trial_id) or re.search(r"_[0-9a-f]{5}_(\d{5})(?:_|$)",
-                                                                     Path(result.path).name)
+    slot = trial_slot(str((result.metrics or {}).get("trial_id", "")))
+    if slot is not None:
+        return slot
+    match = re.search(r"_[0-9a-f]{5}_(\d{5})(?:_|$)", Path(result.path).name)
     return int(match.group(1)) if match else 0
 
 
 def settle_runs(grid, ctx: TrialContext) -> dict[str, int]:
     """End every trial's MLflow run as Tune saw it: FINISHED (completed), KILLED (stopped early by the scheduler)
     or FAILED (an error); return the counts. Runs a trial already ended are left as they are."""
-    client = tracking.client_for(ctx.tracking_uri)
     counts: dict[str, int] = {}
     for r in grid:
         name = train_run_name(ctx, trial_config(ctx, sampled_values(r.config)), _result_index(r))
         status = "FAILED" if r.error is not None else (
             "FINISHED" if r.metrics and "best/val_accuracy" in r.metrics else "KILLED")
         counts[status] = counts.get(status, 0) + 1
-        query = (f"tags.`{tracking.PARENT_TAG}` = '{ctx.parent_run_id}' and tags.`{TRAIN_NAME_TAG}` = '{name}' "
-                 "and attributes.status = 'RUNNING'")
-        for run in client.search_runs([client.get_run(ctx.parent_run_id).info.experiment_id], query):
-            client.set_terminated(run.info.run_id, status=status)
+        tracking.end_open_children(ctx.tracking_uri, ctx.parent_run_id, status, tags={TRAIN_NAME_TAG: name})
     return counts
 
 

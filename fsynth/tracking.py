@@ -122,14 +122,19 @@ def start_run(uri: str, experiment: str, name: str, *, parent_run_id: str | None
     return run.info.run_id
 
 
+def tag_filter(tags: Mapping[str, str], running_only: bool = False) -> str:
+    """An MLflow search filter matching every tag in `tags` (names may hold dots: they are back-quoted)."""
+    terms = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    return " and ".join(terms + (["attributes.status = 'RUNNING'"] if running_only else []))
+
+
 def reopen_or_start_run(uri: str, experiment: str, name: str, *, match: Mapping[str, str],
                         parent_run_id: str | None = None, tags: Mapping[str, Any] | None = None) -> tuple[str, bool]:
     """(run id, created): the run whose tags equal `match` (an interrupted attempt of the same work), marked
     RUNNING again, else a new run with `tags` and `match` as tags. Resuming work never duplicates its run."""
     client = client_for(uri)
     experiment_id = ensure_experiment(client, experiment)
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in {**match, **(
-        {PARENT_TAG: parent_run_id} if parent_run_id else {})}.items())
+    query = tag_filter({**match, **({PARENT_TAG: parent_run_id} if parent_run_id else {})})
     found = client.search_runs([experiment_id], filter_string=query, max_results=1)
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
@@ -160,11 +165,13 @@ def tracked_run(uri: str, experiment: str, name: str, *, parent_run_id: str | No
         end_run(uri, run_id, status)
 
 
-def end_open_children(uri: str, parent_run_id: str, status: str = "KILLED") -> list[str]:
-    """End the parent's child runs still RUNNING (e.g. trials whose worker was killed); return their ids."""
+def end_open_children(uri: str, parent_run_id: str, status: str = "KILLED",
+                      tags: Mapping[str, str] | None = None) -> list[str]:
+    """End the parent's child runs still RUNNING (e.g. trials whose worker was killed), only those carrying
+    `tags` when given; return their ids."""
     client = client_for(uri)
     experiment_id = client.get_run(parent_run_id).info.experiment_id
-    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    query = tag_filter({PARENT_TAG: parent_run_id, **(tags or {})}, running_only=True)
     ended, token = [], None
     while True:
         page = client.search_runs([experiment_id], filter_string=query, max_results=1000, page_token=token)
