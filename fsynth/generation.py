@@ -45,12 +45,12 @@ def _is_grey(a: np.ndarray) -> bool:
 
 def ddpm_settings(g: GeneratorConfig, shots: int, channels: int) -> dict:
     """train_ddpm's settings from generator.finetune: epochs over the shots become optimiser steps."""
-    from fsynth.generators.ddpm import training_steps
+    from fsynth.generators.ddpm import DEFAULT_WIDTHS, training_steps
 
     f = g.finetune
     return {"steps": training_steps(f.epochs, shots, f.batch_size), "batch_size": f.batch_size, "lr": f.lr,
             "weight_decay": f.weight_decay, "warmup_steps": f.warmup_steps, "seed": g.base_seed,
-            "resolution": g.resolution, "channels": channels}
+            "resolution": g.resolution, "channels": channels, "widths": list(DEFAULT_WIDTHS)}
 
 
 def ensure_generator_artefact(cfg: ExperimentConfig, fewshot_dir: str | Path, root: str | Path,

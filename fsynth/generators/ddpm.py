@@ -77,12 +77,17 @@ def compute_fingerprint(gen: DDPMGenerator) -> str:
     return digest.hexdigest()[:16]
 
 
+# Half the widths of the first design: a training step costs 0.44 s instead of 0.92 s at batch 64 on 2 CPU
+# threads (32 px), which keeps the embedded default's fresh run near 20 minutes.
+DEFAULT_WIDTHS = (16, 32, 32)
+
+
 def build_unet(num_classes: int, resolution: int = 32, channels: int = 1,
-               widths: Sequence[int] = (32, 64, 64)) -> UNet2DModel:
+               widths: Sequence[int] = DEFAULT_WIDTHS) -> UNet2DModel:
     """A class-conditional UNet: (x [N, C, R, R], t [N], class_labels [N]) -> noise estimate [N, C, R, R].
 
     One ResNet layer per level; attention only at the lowest level (R / 2**(levels-1), 8x8 for R = 32) and in
-    the mid block, where it is cheap. (32, 64, 64) at R = 32 is ~1.1 M parameters.
+    the mid block, where it is cheap. (16, 32, 32) at R = 32 is ~0.28 M parameters, (32, 64, 64) ~1.1 M.
     """
     from diffusers import UNet2DModel
 
@@ -143,7 +148,7 @@ def train_ddpm(
     images: Sequence[Image.Image], labels: Sequence[int], num_classes: int, *, steps: int, batch_size: int,
     lr: float, weight_decay: float, warmup_steps: int, seed: int, resolution: int = 32, channels: int = 1,
     device: str | torch.device = "cpu", progress: Callable[[int, float], None] | None = None,
-    widths: Sequence[int] = (32, 64, 64),
+    widths: Sequence[int] = DEFAULT_WIDTHS,
 ) -> DDPMGenerator:
     """Train a class-conditional noise predictor on the shots (x0 [N, C, R, R], labels [N]) from scratch.
 
@@ -178,7 +183,7 @@ def train_ddpm(
         if progress is not None:
             progress(step, float(loss.detach()))
     training = {"steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-                "warmup_steps": warmup_steps, "seed": seed, "shots": len(images)}
+                "warmup_steps": warmup_steps, "seed": seed, "shots": len(images), "widths": list(widths)}
     return DDPMGenerator(unet.eval(), dict(SCHEDULE), resolution, channels, num_classes, training=training)
 
 
