@@ -132,7 +132,7 @@ def main() -> None:
     p.add_argument("--images", default="160,320", help="two sizes N1,N2 (multiples of 10)")
     p.add_argument("--group", type=int, default=16, help="images per generator call (generator.batch_size)")
     p.add_argument("--cpus-per-actor", type=int, default=1)
-    p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    p.add_argument("--write", action="store_true", help="append the table to docs/benchmarks.md")
     args = p.parse_args()
     args.images = [int(v) for v in args.images.split(",")]
     import ray
@@ -152,7 +152,7 @@ def main() -> None:
     lines = head + table_lines(args, times)
     print("\n".join(lines))
     if args.write:
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
+        with open(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md", "a") as f:
             f.write("\n" + "\n".join(lines) + "\n")
 
 

@@ -3,7 +3,7 @@
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_kmeans.py --write
 
 47 classes x 516 points (16 real + 500 synthetic) = 24,252 points, K = 94 (cluster multiple 2), 300 iterations.
-Writes the section "## K-means: embeddings vs pixels" of benchmarks/RESULTS.md with --write (other sections stay).
+Writes the section "## K-means: embeddings vs pixels" of docs/benchmarks.md with --write (other sections stay).
 One row re-runs the embedding FAISS case in a child process with the default OpenMP wait policy, because torch
 and faiss-cpu each load their own libgomp and their spinning worker threads compete for the cores.
 """
@@ -31,7 +31,7 @@ from fsynth.partition import kmeans, pixel_features  # noqa: E402
 
 CLASSES, PER_CLASS, DIM, K = 47, 516, 512, 94
 HEADING = "## K-means: embeddings vs pixels"
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+RESULTS = ROOT / "docs" / "benchmarks.md"
 _INIT_SECONDS: list[float] = []
 _kmeanspp = partition._kmeanspp_indices
 
@@ -205,7 +205,7 @@ def section(rows: list[dict], extraction: dict[int, float], run: dict, args: arg
 
 
 def write_section(text: str) -> None:
-    """Add or replace this benchmark's section of RESULTS.md, leaving every other section as it is."""
+    """Add or replace this benchmark's section of docs/benchmarks.md, leaving every other section as it is."""
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     start = old.find(HEADING + "\n")
     if start < 0:
@@ -221,7 +221,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--pixel64-iterations", type=int, default=30, help="fewer: 64 px costs ~2-3 s per iteration")
     parser.add_argument("--default-policy-iterations", type=int, default=30)
-    parser.add_argument("--write", action="store_true", help="write the section into benchmarks/RESULTS.md")
+    parser.add_argument("--write", action="store_true", help="write the section into docs/benchmarks.md")
     parser.add_argument("--child-embedding-faiss", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_embedding_faiss:

@@ -28,12 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def readme_main_command() -> str:
-    """The first fenced shell command of README.md (the main job on the embedded default)."""
+    """The first line of README.md's first fenced block: the main job on the embedded default."""
     text = (ROOT / "README.md").read_text()
     match = re.search(r"```(?:bash|sh)?\n(.+?)\n```", text, re.S)
     if match is None:
         raise SystemExit("error: README.md has no fenced command; pass the command after --")
-    return match.group(1).strip()
+    return match.group(1).strip().splitlines()[0]
 
 
 def _memory(proc: psutil.Process) -> int:
@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(args.command) if args.command else readme_main_command()
     print(f"bench_main: {command}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.Popen(["bash", "-c", command], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    # unbuffered: each line is stamped when it is printed, not when a pipe buffer fills
+    proc = subprocess.Popen(["bash", "-c", command], cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     peak = {"bytes": 0, "at": 0.0, "start": start}
     stop = threading.Event()
     sampler = threading.Thread(target=sample_peak, args=(proc.pid, args.every, stop, peak), daemon=True)

@@ -159,7 +159,7 @@ class ResourcesConfig:
     """What one trial and one generator actor ask of the cluster."""
 
     num_workers: int = 1
-    cpus_per_worker: int = 1
+    cpus_per_worker: float = 1.0  # fractions let a laptop run more trials than cores (torch gets >= 1 thread)
     gpus_per_worker: float = 0.0
     generator_actors: int = 1
     cpus_per_generator_actor: float = 1.0

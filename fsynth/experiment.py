@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import ray
 import ray.tune
 
-from fsynth import sweep, tracking
+from fsynth import sweep, tags, tracking
 from fsynth.baselines import needs_synthetic
 from fsynth.config import ExperimentConfig, config_from_dict, config_to_dict, save_config, with_values
 from fsynth.errors import ConfigError
@@ -80,19 +80,23 @@ def ensure_synthetic(cfg: ExperimentConfig, fewshot: Path, root: Path, log: Log)
     return manifest
 
 
-def ensure_sweep_run(uri: str, experiment: str, sid: str, tags: dict[str, str], cfg: ExperimentConfig) -> str:
+def ensure_sweep_run(uri: str, experiment: str, sid: str, run_tags: dict[str, str], cfg: ExperimentConfig) -> str:
     """The sweep's parent MLflow run: the one an interrupted attempt opened (marked running again), else new."""
-    run_id, created = tracking.reopen_or_start_run(uri, experiment, sid, tags=tags,
+    run_id, created = tracking.reopen_or_start_run(uri, experiment, sid, tags=run_tags,
                                                    match={sweep.SWEEP_TAG: sid, sweep.KIND_TAG: "sweep"})
     if created:
         tracking.log_params(uri, run_id, cfg)
     return run_id
 
 
-def log_sweep_inputs(uri: str, run_id: str, plan: Plan, synthetic: Path | None) -> None:
-    """The space file, the resolved base config and the synthetic sample grid, on the sweep's run."""
+def log_sweep_inputs(uri: str, run_id: str, plan: Plan, fewshot: Path, synthetic: Path | None) -> None:
+    """The space file, the resolved base config, the synthetic sample grid and, beside it, the real shots in the
+    same layout (synthetic/real_shots.png: a row per class; fsynth.report shows the two side by side)."""
+    from fsynth.plots import write_shot_grid
+
     with tempfile.TemporaryDirectory(prefix="fsynth-sweep-") as tmp:
         tracking.log_artifacts(uri, run_id, save_config(plan.cfg, Path(tmp) / "base_config.yaml"))
+        tracking.log_artifacts(uri, run_id, write_shot_grid(fewshot, Path(tmp) / "real_shots.png"), "synthetic")
     tracking.log_artifacts(uri, run_id, plan.space.path, "space")
     grid = synthetic.parent / "samples.png" if synthetic else None
     if grid is not None and grid.is_file():
@@ -129,10 +133,12 @@ def run_experiment(plan: Plan, *, address: str | None, max_concurrent: int | Non
     tune_storage = f"{plan.storage.rstrip('/')}/tune"
     if require_resume and not ray.tune.Tuner.can_restore(f"{tune_storage}/{sid}"):
         raise ConfigError(f"--resume: no interrupted sweep {sid} under {tune_storage}; drop --resume to start it")
-    tags = {"fsynth.dataset": cfg.data.dataset, "fsynth.baseline": cfg.name, "fsynth.space": Path(space.path).stem}
-    parent = ensure_sweep_run(uri, plan.experiment, sid, tags, cfg)
+    run_tags = {tags.DATASET: cfg.data.dataset, tags.BASELINE: cfg.name, tags.SPACE: Path(space.path).stem}
+    if plan.command:
+        run_tags[tags.COMMAND] = plan.command
+    parent = ensure_sweep_run(uri, plan.experiment, sid, run_tags, cfg)
     try:
-        log_sweep_inputs(uri, parent, plan, synthetic)
+        log_sweep_inputs(uri, parent, plan, fewshot, synthetic)
         from fsynth.tune import partition_variants
 
         ensure_regions_on_cluster(cfg, partition_variants(plan), fewshot, synthetic, plan.out / "cache", log)
@@ -140,7 +146,7 @@ def run_experiment(plan: Plan, *, address: str | None, max_concurrent: int | Non
             base=config_to_dict(cfg), fewshot_dir=str(fewshot),
             synthetic_manifest=str(synthetic) if synthetic else None, cache_dir=str(plan.out / "cache"),
             train_storage=f"{plan.storage.rstrip('/')}/train", tracking_uri=uri, experiment=plan.experiment,
-            parent_run_id=parent, sweep_id=sid, tags=tuple(sorted(tags.items())))
+            parent_run_id=parent, sweep_id=sid, tags=tuple(sorted(run_tags.items())))
         summary = run_sweep_and_finals(plan, space, ctx, tune_storage, concurrency(plan, max_concurrent, address), log)
     except BaseException as exc:
         tracking.end_open_children(uri, parent, "KILLED")
@@ -150,9 +156,9 @@ def run_experiment(plan: Plan, *, address: str | None, max_concurrent: int | Non
     return summary
 
 
-def run_sweep_and_finals(plan: Plan, space, ctx: sweep.TrialContext, tune_storage: str, max_concurrent: int,
-                         log: Log) -> dict:
-    """The Tune sweep (ASHA on validation), then the best values with every final seed (tested once)."""
+def run_search(plan: Plan, space, ctx: sweep.TrialContext, tune_storage: str, max_concurrent: int,
+               log: Log) -> dict:
+    """The Tune sweep (ASHA on validation); returns the best sampled values."""
     settings = space.tune
     log(f"sweep {ctx.sweep_id}: up to {max_concurrent} trial(s) at once, storage {tune_storage}")
     grid = sweep.restore_or_build(ctx, sweep.param_space(space), settings, name=ctx.sweep_id, storage=tune_storage,
@@ -163,6 +169,19 @@ def run_sweep_and_finals(plan: Plan, space, ctx: sweep.TrialContext, tune_storag
         + " (killed = stopped early by ASHA)")
     values, score = sweep.best_values(grid, settings)
     log(f"best on validation ({settings.metric} {score:.4f}): {json.dumps(values, sort_keys=True)}")
+    return values
+
+
+def run_sweep_and_finals(plan: Plan, space, ctx: sweep.TrialContext, tune_storage: str, max_concurrent: int,
+                         log: Log) -> dict:
+    """The Tune sweep (ASHA on validation), then the best values with every final seed (tested once); a space
+    that samples nothing goes straight to the final seeds."""
+    settings = space.tune
+    if space.sample:
+        values = run_search(plan, space, ctx, tune_storage, max_concurrent, log)
+    else:  # an ablation or a fixed configuration: nothing to search, straight to the final seeds
+        values = {}
+        log(f"sweep {ctx.sweep_id}: {Path(space.path).name} samples nothing; running the final seeds only")
     final_ctx = sweep.with_kind(ctx, "final")
     finals = sweep.restore_or_build(final_ctx, sweep.final_params(values, plan.seeds), settings,
                                     name=f"{ctx.sweep_id}-final", storage=tune_storage,
@@ -186,7 +205,7 @@ def finish_summary(plan: Plan, ctx: sweep.TrialContext, values: dict, rows: list
                                           "final/seeds": s["seeds"], "final/best_val_accuracy": max(
                                               r["val_accuracy"] for r in rows)})
     client = tracking.client_for(uri)
-    client.set_tag(parent, "fsynth.best_values", json.dumps(values, sort_keys=True))
+    client.set_tag(parent, tags.BEST_VALUES, json.dumps(values, sort_keys=True))
     with tempfile.TemporaryDirectory(prefix="fsynth-summary-") as tmp:
         path = Path(tmp) / "summary.md"
         path.write_text(text + "\n")

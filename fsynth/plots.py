@@ -1,4 +1,5 @@
-"""PNG and CSV artifacts of a run: confusion matrix, regulariser curves (Figure 2), accuracy vs clusters."""
+"""PNG and CSV artifacts of a run: confusion matrix, regulariser curves (Figure 2), accuracy vs clusters, image
+grids (the real shots, laid out like the synthetic set's samples.png) and two images side by side."""
 
 from __future__ import annotations
 
@@ -17,11 +18,18 @@ import numpy as np
 # state is untouched and concurrent threads (Ray actors, Tune callbacks) cannot draw on each other's figures.
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
+
+from fsynth.data.fewshot import load_manifest
+from fsynth.data.records import Sample, load_image
 
 DPI = 100
 MEASURED = (("measured/discrepancy", "discrepancy"), ("measured/robustness", "robustness"))
 LOSS_PARTS = ("train/loss", "train/ce_real", "train/ce_synth", "train/discrepancy", "train/robustness")
 ACCURACIES = ("train/accuracy", "val/accuracy")
+# = fsynth.synthetic.write_sample_grid's samples.png (8 images per class, 64 px cells): the real-shot grid is laid
+# out the same way, so the two line up class by class when shown side by side.
+GRID_PER_CLASS, GRID_CELL = 8, 64
 
 
 def _atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> Path:
@@ -199,6 +207,56 @@ def plot_accuracy_vs_clusters(points: Sequence[tuple], path: str | Path, title: 
     ax.set(xlabel="regions", ylabel="accuracy (mean ± std)")
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path, title)
+
+
+def write_image_grid(rows: Sequence[Sequence[Image.Image]], path: str | Path, per_row: int = GRID_PER_CLASS,
+                     cell: int = GRID_CELL) -> Path:
+    """One grid row per entry of `rows` (e.g. a class): its first `per_row` images, each resized to cell x cell px;
+    a row with fewer images stays white on the right. PNG of [per_row * cell, len(rows) * cell] px."""
+    grid = Image.new("RGB", (per_row * cell, max(len(rows), 1) * cell), "white")
+    for r, images in enumerate(rows):
+        for c, img in enumerate(list(images)[:per_row]):
+            grid.paste(img.convert("RGB").resize((cell, cell), Image.Resampling.BICUBIC), (c * cell, r * cell))
+    return _atomic_write(path, lambda f: grid.save(f, format="PNG"))
+
+
+def write_shot_grid(fewshot_dir: str | Path, path: str | Path, per_class: int = GRID_PER_CLASS,
+                    cell: int = GRID_CELL) -> Path:
+    """The real shots of a few-shot folder (its manifest's `train` rows) as a grid: a row per class in label order,
+    the first `per_class` shots by sample id in each, i.e. the layout of the synthetic set's samples.png."""
+    manifest = load_manifest(Path(fewshot_dir) / "manifest.parquet")
+    shots = manifest[manifest["split"] == "train"].sort_values(["label", "sample_id"])
+    rows = [[load_image(Sample(str(s.sample_id), int(s.label), str(s.path), int(s.index)))
+             for s in group.head(per_class).itertuples()]
+            for _, group in shots.groupby("label", sort=True)]
+    return write_image_grid(rows, path, per_class, cell)
+
+
+def plot_side_by_side(left: str | Path | None, right: str | Path | None, path: str | Path,
+                      titles: tuple[str, str] = ("real shots", "synthetic"), title: str = "") -> Path:
+    """Two image files next to each other at about their own pixel size, each under its title; a missing one
+    (None or no file) leaves its panel saying so, so the other still shows."""
+    images = [_read_rgb(p) for p in (left, right)]
+    widths = [img.shape[1] if img is not None else 256 for img in images]
+    height = max([img.shape[0] for img in images if img is not None] or [256])
+    fig = _new_figure(max(4.0, (sum(widths) + 60) / DPI), height / DPI + (1.0 if title else 0.6))
+    for i, (img, name) in enumerate(zip(images, titles, strict=True)):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.set_axis_off()
+        ax.set_title(name)
+        if img is None:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+        else:
+            ax.imshow(img, interpolation="nearest")
+    return _save(fig, path, title)
+
+
+def _read_rgb(path: str | Path | None) -> np.ndarray | None:
+    """[H, W, 3] uint8 of an image file, None when there is no file."""
+    if path is None or not Path(path).is_file():
+        return None
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
 
 
 def save_confusion_csv(confusion, classnames: Sequence[str], path: str | Path) -> Path:

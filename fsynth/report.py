@@ -1,4 +1,8 @@
-"""`python -m fsynth.report`: per-dataset results of the tune job's final runs (MLflow) beside the paper's numbers."""
+"""`python -m fsynth.report`: the results page (docs/results.md) of the tune job's final runs in MLflow.
+
+Per dataset: the sweeps beside the paper's numbers, the ablations (loss terms, regions, loss preset, shots) with the
+command that made every row, a computed verdict on the loss ablation, and figures (also logged to the method row's
+sweep run)."""
 
 from __future__ import annotations
 
@@ -10,16 +14,19 @@ import os
 import shlex
 import statistics
 import sys
+import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fsynth import tags
 from fsynth.baselines import BASELINES
 from fsynth.cli import run_main
+from fsynth.config import PartitionConfig
 from fsynth.errors import ConfigError
-from fsynth.paper import ABLATION, ENV_VAR, PaperCell, paper_tables_path, preset_of, reference_rows
+from fsynth.paper import ENV_VAR, PaperCell, paper_tables_path, preset_of, reference_rows
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -28,20 +35,35 @@ if TYPE_CHECKING:
 # rendering below stay importable without it, and `--help` answers without MLflow's ~2 s import.
 PARENT_TAG = "mlflow.parentRunId"  # = fsynth.tracking.PARENT_TAG
 
-KIND_TAG, DATASET_TAG, SWEEP_TAG = "fsynth.kind", "fsynth.dataset", "fsynth.sweep"
-BASELINE_TAG, SPACE_TAG, SEED_TAG, BEST_TAG = "fsynth.baseline", "fsynth.space", "fsynth.seed", "fsynth.best_values"
+KIND_TAG, DATASET_TAG, SWEEP_TAG = tags.KIND, tags.DATASET, tags.SWEEP
+BASELINE_TAG, SPACE_TAG, SEED_TAG, BEST_TAG = tags.BASELINE, tags.SPACE, tags.SEED, tags.BEST_VALUES
+COMMAND_TAG = tags.COMMAND
 DASH = "–"
+DEFAULT_OUT = "docs/results.md"
 NO_SYNTHETIC = ("real-only", "zero-shot")  # baselines whose label leaves out the generator
 REGULARISED = ("method", "discrepancy-only", "robustness-only", "synthetic-only")  # use regions and loss.preset
 SHORT_KEYS = {"training.lr": "lr", "training.weight_decay": "wd", "loss.lambda_discrepancy": "λ1",
               "loss.lambda_robustness": "λ2", "loss.ce_real_weight": "λ"}
 SHOWN_KEYS = ("partition.mode", "partition.cluster_multiple")  # already in the label's partition part
-CSV_FIELDS = ("dataset", "sweep", "space", "baseline", "preset", "shots", "label", "seeds", "test_mean", "test_std",
-              "test_per_seed", "seed_ids", "val_mean", "paper", "paper_row", "paper_other")
+MEASURED = ("measured/discrepancy", "measured/robustness")  # Figure 2's quantities, logged every epoch by finals
+_PARTITION = PartitionConfig()
+DEFAULT_REGIONS = (_PARTITION.mode, _PARTITION.cluster_multiple)  # the method row's regions (static, K = 2 x C)
+# The loss ablation's rows, in order: (baseline, label, CE on synthetic images, discrepancy term, robustness term).
+LOSS_ROWS = (("real-only", "real only", False, False, False),
+             ("real-synthetic-ce", "real + synthetic CE only", True, False, False),
+             ("discrepancy-only", "+ discrepancy", True, True, False),
+             ("robustness-only", "+ robustness", True, False, True),
+             ("method", "+ both (method)", True, True, True))
+LOSS_LABELS = {row[0]: row[1] for row in LOSS_ROWS}
+FIGURE2 = {"method": "method", "real-synthetic-ce": "real + synthetic CE only"}  # Figure 2's runs, as labelled
+CSV_FIELDS = ("dataset", "sweep", "space", "baseline", "preset", "loss_preset", "regions", "shots", "label",
+              "seeds", "test_mean", "test_std", "test_per_seed", "seed_ids", "val_mean", "measured_discrepancy",
+              "measured_robustness", "paper", "paper_row", "paper_other", "command", "parent_run")
 NOTE = ("Test accuracy (%) of each sweep's final runs: mean ± sample std over seeds (ddof 1; one seed: –); the "
         "configuration was selected on validation accuracy only and test was evaluated once per seed. *paper* is "
         "the published row the run corresponds to (`shared/reference/paper_tables.md`); the paper's code picked "
-        "the best epoch on the test set, so its numbers are optimistic.")
+        "the best epoch on the test set, so its numbers are optimistic. *command* is the `fsynth.tune` command "
+        "that made the row (its sweep run's `fsynth.command` tag; – for runs made before that tag existed).")
 
 
 @dataclass(frozen=True)
@@ -59,6 +81,28 @@ class FinalRun:
     params: Mapping[str, str]
     test: float | None  # fraction
     val: float | None  # fraction
+    parent: str = ""  # the sweep's run id
+    measured: Mapping[str, float] = field(default_factory=dict)  # MEASURED key -> its last (final-epoch) value
+
+
+@dataclass(frozen=True)
+class SweepInfo:
+    """What the report needs of a sweep's parent run."""
+
+    run_id: str
+    best: Mapping[str, Any]  # the sampled values the final seeds used ({} for a space that samples nothing)
+    command: str  # the fsynth.tune command line, "" when the run predates the tag
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What an ablation holds fixed: space, paper variant, loss preset, shots and regions (mode, multiple)."""
+
+    space: str
+    preset: str
+    loss_preset: str
+    shots: int
+    regions: tuple[str, float]
 
 
 @dataclass(frozen=True)
@@ -69,7 +113,7 @@ class SweepRow:
     sweep: str
     baseline: str
     space: str
-    preset: str
+    preset: str  # the paper variant (full / lightweight), see fsynth.paper.preset_of
     shots: int
     label: str
     seeds: tuple[str, ...]
@@ -77,6 +121,12 @@ class SweepRow:
     vals: tuple[float, ...]  # percent
     reference: tuple[PaperCell, ...]
     end_time: int
+    loss_preset: str = ""  # loss.preset: paper or protoaug
+    regions: tuple[str, float] = DEFAULT_REGIONS  # (partition.mode, cluster multiple; 0 for a single region)
+    command: str = ""
+    parent_run_id: str = ""
+    run_ids: tuple[str, ...] = ()  # the final runs, in seed order
+    measured: Mapping[str, float] = field(default_factory=dict)  # MEASURED key -> mean over seeds (final epoch)
 
     @property
     def test_mean(self) -> float:
@@ -98,6 +148,10 @@ class SweepRow:
         """The closest published cell."""
         return self.reference[0] if self.reference else None
 
+    @property
+    def setting(self) -> Setting:
+        return Setting(self.space, self.preset, self.loss_preset, self.shots, self.regions)
+
 
 @dataclass(frozen=True)
 class DatasetReport:
@@ -108,17 +162,31 @@ class DatasetReport:
     skipped: Mapping[str, int]
 
 
+@dataclass(frozen=True)
+class Ablations:
+    """A dataset's ablation rows, all at one setting but for the axis each varies (see `ablations`)."""
+
+    setting: Setting | None
+    method: SweepRow | None  # the method row: baseline method with the default regions (figures are logged here)
+    loss: Mapping[str, SweepRow]  # baseline -> row, LOSS_ROWS order
+    regions: tuple[SweepRow, ...]  # method rows: single, then K = 1, 2, 4 ... x classes
+    presets: tuple[SweepRow, ...]  # method rows: paper, then protoaug
+    shots: tuple[SweepRow, ...]  # method (then real-only) rows by shots
+
+
 # ------------------------------------------------------------------------------------------------ reading runs
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fsynth.report", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m fsynth.report", description=__doc__.splitlines()[0])
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db)")
     p.add_argument("--storage", default="runs", help="tracking.storage when no URI is given (default runs)")
     p.add_argument("--experiment", default="fsynth", help="MLflow experiment name (default fsynth)")
     p.add_argument("--dataset", action="append", default=[], help="only this dataset (repeatable; default all)")
-    p.add_argument("--out", default="docs/results", help="folder for the reports (default docs/results)")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"the results page (default {DEFAULT_OUT}); CSVs go to <folder>/<name>/<dataset>.csv and "
+                        "figures to <folder>/<name>/img/ beside it (docs/results/ for the default)")
     return p
 
 
@@ -139,34 +207,47 @@ def _fraction(metrics: Mapping[str, float], *keys: str) -> float | None:
 
 
 def _final_run(run: Any) -> FinalRun:
-    tags, info = run.data.tags, run.info
+    run_tags, info, metrics = run.data.tags, run.info, run.data.metrics
     params = dict(run.data.params)
     return FinalRun(
         run_id=info.run_id,
-        dataset=tags.get(DATASET_TAG) or params.get("data.dataset", "unknown"),
-        sweep=tags.get(SWEEP_TAG) or tags.get(PARENT_TAG) or info.run_id,
-        baseline=tags.get(BASELINE_TAG) or params.get("name", "unknown"),
-        space=tags.get(SPACE_TAG, ""),
-        seed=tags.get(SEED_TAG) or params.get("training.seed", "?"),
+        dataset=run_tags.get(DATASET_TAG) or params.get("data.dataset", "unknown"),
+        sweep=run_tags.get(SWEEP_TAG) or run_tags.get(PARENT_TAG) or info.run_id,
+        baseline=run_tags.get(BASELINE_TAG) or params.get("name", "unknown"),
+        space=run_tags.get(SPACE_TAG, ""),
+        seed=run_tags.get(SEED_TAG) or params.get("training.seed", "?"),
         status=info.status,
         end_time=info.end_time or info.start_time or 0,
         params=params,
-        test=_fraction(run.data.metrics, "test/accuracy"),
-        val=_fraction(run.data.metrics, "best/val_accuracy", "val/accuracy"),
+        test=_fraction(metrics, "test/accuracy"),
+        val=_fraction(metrics, "best/val_accuracy", "val/accuracy"),
+        parent=run_tags.get(PARENT_TAG, ""),
+        # MLflow's latest value of a metric is the one at the highest step: the final epoch's.
+        measured={k: float(metrics[k]) for k in MEASURED if k in metrics},
     )
 
 
-def _best_values(sweeps: Sequence[Any]) -> dict[str, dict[str, Any]]:
-    """Sweep id -> the sampled values it chose (its fsynth.best_values tag; the latest sweep run that has one)."""
-    best: dict[str, dict[str, Any]] = {}
+def _json_dict(text: str) -> dict | None:
+    try:
+        value = json.loads(text)
+    except ValueError:  # no tag yet (sweep still running) or not JSON: the label goes without
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def sweep_infos(sweeps: Sequence[Any]) -> dict[str, SweepInfo]:
+    """Sweep id -> its parent run: id, chosen values (fsynth.best_values) and command (fsynth.command).
+
+    Where several parent runs carry one sweep id, the latest counts, keeping an earlier one's tags it lacks.
+    """
+    infos: dict[str, SweepInfo] = {}
     for run in sorted(sweeps, key=lambda r: r.info.start_time or 0):
-        try:
-            values = json.loads(run.data.tags.get(BEST_TAG, ""))
-        except ValueError:  # no tag yet (sweep still running) or not JSON: the label goes without
-            continue
-        if isinstance(values, dict):
-            best[run.data.tags.get(SWEEP_TAG) or run.info.run_id] = values
-    return best
+        key = run.data.tags.get(SWEEP_TAG) or run.info.run_id
+        held = infos.get(key, SweepInfo("", {}, ""))
+        best = _json_dict(run.data.tags.get(BEST_TAG, ""))
+        infos[key] = SweepInfo(run.info.run_id, held.best if best is None else best,
+                               run.data.tags.get(COMMAND_TAG) or held.command)
+    return infos
 
 
 def open_experiment(uri: str, name: str) -> tuple[MlflowClient, str]:
@@ -238,17 +319,37 @@ def _references(run: FinalRun, tables: Path | None) -> tuple[PaperCell, ...]:
                           arch=run.params.get("model.arch", ""), path=tables)
 
 
-def _sweep_row(runs: list[FinalRun], best: Mapping[str, Any], tables: Path | None) -> SweepRow:
-    """One row from a sweep's counted final runs (one per seed)."""
+def _regions(params: Mapping[str, str]) -> tuple[str, float]:
+    """(partition.mode, cluster multiple) of a run; a single region has no multiple (0), whatever was set."""
+    mode = params.get("partition.mode", DEFAULT_REGIONS[0])
+    if mode == "single":
+        return (mode, 0.0)
+    try:
+        return (mode, float(params.get("partition.cluster_multiple", DEFAULT_REGIONS[1])))
+    except (TypeError, ValueError):
+        return (mode, 0.0)
+
+
+def _seed_means(runs: Sequence[FinalRun]) -> dict[str, float]:
+    """MEASURED key -> mean over the runs that logged it."""
+    return {k: statistics.fmean(r.measured[k] for r in runs if k in r.measured)
+            for k in MEASURED if any(k in r.measured for r in runs)}
+
+
+def _sweep_row(runs: list[FinalRun], info: SweepInfo | None, tables: Path | None) -> SweepRow:
+    """One row from a sweep's counted final runs (one per seed) and its parent run's tags."""
     runs = sorted(runs, key=lambda r: _seed_key(r.seed))
     last = max(runs, key=lambda r: r.end_time)
+    info = info or SweepInfo(last.parent, {}, "")
     return SweepRow(
         dataset=last.dataset, sweep=last.sweep, baseline=last.baseline, space=last.space,
         preset=preset_of(last.params), shots=_int(last.params.get("data.shots"), 16),
-        label=run_label(last.baseline, last.params, best),
+        label=run_label(last.baseline, last.params, info.best),
         seeds=tuple(r.seed for r in runs), tests=tuple(100 * r.test for r in runs),
         vals=tuple(100 * r.val for r in runs if r.val is not None),
         reference=_references(last, tables), end_time=last.end_time,
+        loss_preset=last.params.get("loss.preset", ""), regions=_regions(last.params), command=info.command,
+        parent_run_id=info.run_id or last.parent, run_ids=tuple(r.run_id for r in runs), measured=_seed_means(runs),
     )
 
 
@@ -257,7 +358,8 @@ def _order(row: SweepRow) -> tuple:
     return (names.index(row.baseline) if row.baseline in names else len(names), row.shots, row.label, row.sweep)
 
 
-def aggregate(finals: Sequence[FinalRun], best: Mapping[str, dict], tables: Path | None) -> dict[str, DatasetReport]:
+def aggregate(finals: Sequence[FinalRun], sweeps: Mapping[str, SweepInfo],
+              tables: Path | None) -> dict[str, DatasetReport]:
     """Per dataset: one row per sweep of its FINISHED final runs with a test accuracy; the rest counted as skipped."""
     counted: dict[str, dict[str, dict[str, FinalRun]]] = defaultdict(lambda: defaultdict(dict))
     skipped: dict[str, Counter] = defaultdict(Counter)
@@ -273,26 +375,114 @@ def aggregate(finals: Sequence[FinalRun], best: Mapping[str, dict], tables: Path
             seeds[run.seed] = run
     reports = {}
     for dataset in sorted(set(counted) | set(skipped)):
-        rows = [_sweep_row(list(runs.values()), best.get(sweep, {}), tables)
+        rows = [_sweep_row(list(runs.values()), sweeps.get(sweep), tables)
                 for sweep, runs in counted.get(dataset, {}).items()]
         reports[dataset] = DatasetReport(dataset, tuple(sorted(rows, key=_order)), dict(skipped.get(dataset, {})))
     return reports
 
 
-def ablation_groups(rows: Sequence[SweepRow]) -> list[dict[str, SweepRow]]:
-    """Rows of the four loss-ablation baselines, grouped by (shots, preset); only groups with at least two of them.
+# --------------------------------------------------------------------------------------------------- ablations
 
-    Where a baseline has several sweeps in a group, the one with the most seeds (then the latest) stands for it.
+
+def _pick(rows: Sequence[SweepRow]) -> SweepRow | None:
+    """Of several sweeps of one configuration, the one with the most seeds, then the latest."""
+    return max(rows, key=lambda r: (len(r.tests), r.end_time), default=None)
+
+
+def method_row(rows: Sequence[SweepRow]) -> SweepRow | None:
+    """The dataset's method row: baseline `method` with the default regions (static, K = 2 x classes).
+
+    Among several (the ablation space's and the main sweep's, other shots or loss presets), the one in the space
+    most rows share, then at the (variant, loss preset, shots) most rows share: the ablations' common setting.
     """
-    groups: dict[tuple[int, str], dict[str, SweepRow]] = defaultdict(dict)
+    spaces = Counter(r.space for r in rows)
+    common = Counter((r.preset, r.loss_preset, r.shots) for r in rows)
+    candidates = [r for r in rows if r.baseline == "method" and r.regions == DEFAULT_REGIONS]
+    return max(candidates, default=None, key=lambda r: (spaces[r.space], common[(r.preset, r.loss_preset, r.shots)],
+                                                        len(r.tests), r.end_time))
+
+
+def _like(row: SweepRow, ref: Setting, free: str = "") -> bool:
+    """Whether `row` ran at `ref` except on the axis `free` (a Setting field); regions count only for baselines
+    that use them (real-only and CE-only runs ignore the partition)."""
+    mine = row.setting if row.baseline in REGULARISED else replace(row.setting, regions=ref.regions)
+    return (replace(mine, **{free: getattr(ref, free)}) if free else mine) == ref
+
+
+def _variants(rows: Sequence[SweepRow], ref: Setting, baselines: Sequence[str], free: str,
+              key: Callable[[SweepRow], Any]) -> tuple[SweepRow, ...]:
+    """One row per distinct `key` among `baselines`' rows at `ref` with the axis `free` let go, in key order."""
+    groups: dict[Any, list[SweepRow]] = defaultdict(list)
     for row in rows:
-        if row.baseline not in ABLATION:
-            continue
-        group = groups[(row.shots, row.preset)]
-        held = group.get(row.baseline)
-        if held is None or (len(row.tests), row.end_time) > (len(held.tests), held.end_time):
-            group[row.baseline] = row
-    return [groups[key] for key in sorted(groups) if len(groups[key]) >= 2]
+        if row.baseline in baselines and _like(row, ref, free):
+            groups[key(row)].append(row)
+    return tuple(_pick(groups[k]) for k in sorted(groups))
+
+
+def _regions_key(row: SweepRow) -> tuple:
+    mode, multiple = row.regions
+    return ({"single": 0, "static": 1, "online": 2}.get(mode, 3), mode, multiple)
+
+
+def ablations(rows: Sequence[SweepRow]) -> Ablations:
+    """The rows of each ablation at one setting: the method row's, else the most common one of the loss rows."""
+    method = method_row(rows)
+    if method is not None:
+        ref = method.setting
+    else:
+        loss_rows = [replace(r.setting, regions=DEFAULT_REGIONS) for r in rows if r.baseline in LOSS_LABELS]
+        ref = Counter(loss_rows).most_common(1)[0][0] if loss_rows else None
+    if ref is None:
+        return Ablations(None, None, {}, (), (), ())
+    loss = {b: _pick([r for r in rows if r.baseline == b and _like(r, ref)]) for b in LOSS_LABELS}
+    return Ablations(
+        setting=ref, method=method, loss={b: r for b, r in loss.items() if r is not None},
+        regions=_variants(rows, ref, ("method",), "regions", _regions_key),
+        presets=_variants(rows, ref, ("method",), "loss_preset", lambda r: (r.loss_preset != "paper", r.loss_preset)),
+        shots=_variants(rows, ref, ("method", "real-only"), "shots", lambda r: (r.shots, r.baseline != "method")),
+    )
+
+
+def _names(items: Sequence[str], word: str) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {word} {items[-1]}"
+
+
+def _compare(method: SweepRow, other: SweepRow) -> tuple[bool | None, str]:
+    """(whether the method's mean test accuracy beats `other`'s by more than the seed std, the numbers); the seed
+    std is the larger sample std of the two rows, None (cannot tell) when both have one seed."""
+    diff = method.test_mean - other.test_mean
+    stds = [s for s in (method.test_std, other.test_std) if s is not None]
+    name = LOSS_LABELS[other.baseline]
+    if not stds:
+        return None, f"{name}: {diff:+.2f} pp, one seed each"
+    return diff > max(stds), f"{name}: {diff:+.2f} pp vs a seed std of {max(stds):.2f} pp"
+
+
+def _measured_line(loss: Mapping[str, SweepRow]) -> str:
+    """The final-epoch measured discrepancy / robustness of the method and CE-only rows, where logged."""
+    shown = [(name, loss[b].measured) for b, name in FIGURE2.items() if b in loss and loss[b].measured]
+    if not shown:
+        return ""
+    values = "; ".join(f"{name} {_num(m.get(MEASURED[0]))} / {_num(m.get(MEASURED[1]))}" for name, m in shown)
+    return f" Final-epoch measured discrepancy / robustness (mean over seeds): {values}."
+
+
+def loss_verdict(loss: Mapping[str, SweepRow]) -> str:
+    """A sentence saying whether the method beats CE-only and real-only by more than the seed std ("" without the
+    method row or either of the two)."""
+    method = loss.get("method")
+    others = [loss[b] for b in ("real-synthetic-ce", "real-only") if b in loss]
+    if method is None or not others:
+        return ""
+    results = [(LOSS_LABELS[o.baseline], *_compare(method, o)) for o in others]
+    wins = [name for name, won, _ in results if won is True]
+    fails = [name for name, won, _ in results if won is False]
+    unknown = [name for name, won, _ in results if won is None]
+    clauses = [f"beats {_names(wins, 'and')} by more than the seed std"] if wins else []
+    clauses += [f"does not beat {_names(fails, 'or')} by more than the seed std"] if fails else []
+    clauses += [f"cannot be told apart from {_names(unknown, 'or')} (a single seed each: no std)"] if unknown else []
+    details = "; ".join(detail for _, _, detail in results)
+    return f"**Verdict:** the method {', but '.join(clauses)} ({details}).{_measured_line(loss)}"
 
 
 # --------------------------------------------------------------------------------------------------- rendering
@@ -302,8 +492,17 @@ def _pct(value: float | None, digits: int = 2) -> str:
     return DASH if value is None else f"{value:.{digits}f}"
 
 
+def _num(value: float | None) -> str:
+    return DASH if value is None else f"{value:.3g}"
+
+
 def _mean_std(row: SweepRow) -> str:
     return f"{row.test_mean:.2f} ± {_pct(row.test_std)}"
+
+
+def _command_cell(row: SweepRow) -> str:
+    # A '|' inside a cell would end it, even in backticks: markdown tables need it escaped.
+    return f"`{row.command}`".replace("|", "\\|") if row.command else DASH
 
 
 def _published(row: SweepRow) -> str:
@@ -321,44 +520,117 @@ def _skipped_line(skipped: Mapping[str, int]) -> str:
     return f"Skipped {sum(skipped.values())} final run(s) (only FINISHED final runs count): {listed}."
 
 
-def _header(title: str, command: str, uri: str, experiment: str) -> list[str]:
-    return [f"# {title}", "", f"Regenerate: `{command}`", "", f"Tracking URI: `{uri}` (experiment `{experiment}`)", ""]
-
-
-def _ablation_table(group: Mapping[str, SweepRow]) -> list[str]:
-    any_row = next(iter(group.values()))
-    lines = [f"## Loss ablation (Table 2 style): {any_row.shots} shots, {any_row.preset} variant", "",
-             "| discrepancy | robustness | run | seeds | ours (%) | paper (%) |", "|---|---|---|---|---|---|"]
-    for baseline, (disc, rob) in sorted(ABLATION.items(), key=lambda kv: kv[1]):
-        row = group.get(baseline)
-        flags = f"| {'yes' if disc else 'no'} | {'yes' if rob else 'no'} "
-        paper = next((c for c in row.reference if c.table == "2"), None) if row else None
-        if row is None:
-            lines.append(f"{flags}| {baseline} (not run) | 0 | {DASH} | {DASH} |")
-        else:
-            lines.append(f"{flags}| {row.label} | {len(row.tests)} | {_mean_std(row)} | "
-                         f"{f'{paper.accuracy:g}' if paper else DASH} |")
-    return lines
-
-
-def render_markdown(report: DatasetReport, command: str, uri: str, experiment: str) -> str:
-    """The dataset's results page: command, URI, the per-sweep table, skipped runs, the ablation table(s)."""
-    lines = _header(f"Results: {report.dataset}", command, uri, experiment) + [NOTE, ""]
-    if report.rows:
-        lines += ["| run | space | seeds | test acc. (%) | per seed (%) | val acc. (%) | paper (%) | Δ (pp) | "
-                  "published row |", "|---|---|---|---|---|---|---|---|---|"]
-    else:
-        lines.append("No finished final runs yet.")
+def _main_table(report: DatasetReport) -> list[str]:
+    """One line per sweep: label, space, seeds, mean ± std, per seed, validation, paper, Δ, command."""
+    if not report.rows:
+        return ["No finished final runs yet."]
+    lines = ["| run | space | seeds | test acc. (%) | per seed (%) | val acc. (%) | paper (%) | Δ (pp) | "
+             "published row | command |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in report.rows:
         per_seed = ", ".join(f"{t:.2f} (seed {s})" for s, t in zip(row.seeds, row.tests, strict=True))
         paper = row.paper.accuracy if row.paper else None
         delta = DASH if paper is None else f"{row.test_mean - paper:+.2f}"
         lines.append(f"| {row.label} | {row.space or DASH} | {len(row.tests)} | {_mean_std(row)} | {per_seed} | "
                      f"{_pct(row.val_mean)} | {DASH if paper is None else f'{paper:g}'} | "
-                     f"{delta} | {_published(row)} |")
-    lines += ["", _skipped_line(report.skipped)]
-    for group in ablation_groups(report.rows):
-        lines += [""] + _ablation_table(group)
+                     f"{delta} | {_published(row)} | {_command_cell(row)} |")
+    return lines
+
+
+def _setting_text(ref: Setting, free: str) -> str:
+    """What an ablation table holds fixed, in words (all of `ref` but the axis `free`)."""
+    mode, multiple = ref.regions
+    parts = {"shots": f"{ref.shots} shots", "loss_preset": f"loss preset {ref.loss_preset or '?'}",
+             "regions": "1 region" if mode == "single" else f"{mode} regions K = {multiple:g} × classes",
+             "preset": f"{ref.preset} variant", "space": f"space {ref.space or DASH}"}
+    return ", ".join(text for key, text in parts.items() if key != free)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _loss_table(ab: Ablations) -> list[str]:
+    """Table 2 style, with real only first: terms used, accuracy, measured regularisers, paper, command."""
+    lines = [f"### Loss ablation (Table 2 style): {_setting_text(ab.setting, '')}", "",
+             "| row | CE on synthetic | discrepancy | robustness | seeds | test acc. (%) | measured discrepancy | "
+             "measured robustness | paper (%) | command |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for baseline, label, synthetic, disc, rob in LOSS_ROWS:
+        row = ab.loss.get(baseline)
+        if row is None:
+            continue
+        paper = next((c for c in row.reference if c.table == "2"), row.paper)
+        lines.append(f"| {label} | {_yes(synthetic)} | {_yes(disc)} | {_yes(rob)} | {len(row.tests)} | "
+                     f"{_mean_std(row)} | {_num(row.measured.get(MEASURED[0]))} | "
+                     f"{_num(row.measured.get(MEASURED[1]))} | {f'{paper.accuracy:g}' if paper else DASH} | "
+                     f"{_command_cell(row)} |")
+    verdict = loss_verdict(ab.loss)
+    return lines + (["", verdict] if verdict else [])
+
+
+def regions_label(regions: tuple[str, float]) -> str:
+    """'single region', 'K = 2 × classes' (static k-means) or 'online, K = 2 × classes'."""
+    mode, multiple = regions
+    if mode == "single":
+        return "single region"
+    return f"{'' if mode == 'static' else mode + ', '}K = {multiple:g} × classes"
+
+
+def _axis_table(title: str, what: str, fixed: str, entries: Sequence[tuple[str, SweepRow]]) -> list[str]:
+    """An ablation along one axis: a line per value (`what`), with its run, seeds, accuracy and command."""
+    lines = [f"### {title}: {fixed}", "", f"| {what} | run | seeds | test acc. (%) | command |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {value} | {row.label} | {len(row.tests)} | {_mean_std(row)} | {_command_cell(row)} |"
+              for value, row in entries]
+    return lines
+
+
+def _ablation_sections(ab: Ablations, images: Mapping[str, str]) -> list[str]:
+    """Each ablation table with 2+ rows, then its figure where one was made."""
+    sections: list[list[str]] = []
+    if len(ab.loss) >= 2:
+        sections.append(_loss_table(ab) + _image(images, "figure2", "Figure 2: measured regularisers per epoch"))
+    if len(ab.regions) >= 2:
+        sections.append(_axis_table("Regions", "regions", f"method, {_setting_text(ab.setting, 'regions')}",
+                                    [(regions_label(r.regions), r) for r in ab.regions])
+                        + _image(images, "regions", "accuracy vs regions"))
+    if len(ab.presets) >= 2:
+        sections.append(_axis_table("Loss preset", "loss.preset", f"method, {_setting_text(ab.setting, 'loss_preset')}",
+                                    [(r.loss_preset, r) for r in ab.presets]))
+    if len({r.shots for r in ab.shots}) >= 2:  # method and real-only at one number of shots: no axis
+        sections.append(_axis_table("Shots", "shots", _setting_text(ab.setting, "shots"),
+                                    [(f"{r.shots} ({r.baseline})", r) for r in ab.shots]))
+    return [line for section in sections for line in ["", *section]]
+
+
+def _image(images: Mapping[str, str], kind: str, alt: str) -> list[str]:
+    return ["", f"![{alt}]({images[kind]})"] if kind in images else []
+
+
+def render_dataset(report: DatasetReport, links: Mapping[str, str]) -> list[str]:
+    """A dataset's section: its CSV, the per-sweep table, skipped runs, the ablations, the sample grids.
+
+    `links` maps "csv" and each figure made ("figure2", "regions", "samples") to its path relative to the page.
+    """
+    lines = [f"## {report.dataset}", ""]
+    if "csv" in links:
+        lines += [f"Per sweep as CSV: [{links['csv']}]({links['csv']})", ""]
+    lines += _main_table(report) + ["", _skipped_line(report.skipped)]
+    lines += _ablation_sections(ablations(report.rows), links)
+    if "samples" in links:
+        lines += ["", "### Synthetic samples beside the real shots", "",
+                  "A row per class: the real shots the generator was trained on, then its images (the method "
+                  "row's sweep run, artifacts `synthetic/real_shots.png` and `synthetic/samples.png`).",
+                  *_image(links, "samples", "real shots and synthetic samples")]
+    return lines
+
+
+def render_markdown(reports: Mapping[str, DatasetReport], command: str, uri: str, experiment: str,
+                    links: Mapping[str, Mapping[str, str]]) -> str:
+    """The results page: how to regenerate it, the store, then a section per dataset (see `render_dataset`)."""
+    lines = ["# fsynth results", "", f"Regenerate: `{command}`", "",
+             f"Tracking URI: `{uri}` (experiment `{experiment}`)", "", NOTE]
+    for name, report in reports.items():
+        lines += ["", *render_dataset(report, links.get(name, {}))]
     return "\n".join(lines) + "\n"
 
 
@@ -371,25 +643,78 @@ def render_csv(report: DatasetReport) -> str:
         paper = row.paper
         writer.writerow({
             "dataset": row.dataset, "sweep": row.sweep, "space": row.space, "baseline": row.baseline,
-            "preset": row.preset, "shots": row.shots, "label": row.label, "seeds": len(row.tests),
+            "preset": row.preset, "loss_preset": row.loss_preset, "regions": regions_label(row.regions),
+            "shots": row.shots, "label": row.label, "seeds": len(row.tests),
             "test_mean": f"{row.test_mean:.4f}", "test_std": "" if row.test_std is None else f"{row.test_std:.4f}",
             "test_per_seed": ";".join(f"{t:.4f}" for t in row.tests), "seed_ids": ";".join(row.seeds),
             "val_mean": "" if row.val_mean is None else f"{row.val_mean:.4f}",
+            **{f"measured_{k.split('/')[1]}": f"{row.measured[k]:.6g}" if k in row.measured else ""
+               for k in MEASURED},
             "paper": "" if paper is None else f"{paper.accuracy:g}", "paper_row": "" if paper is None else paper.label,
             "paper_other": ";".join(f"{c.label}={c.accuracy:g}" for c in row.reference[1:]),
+            "command": row.command, "parent_run": row.parent_run_id,
         })
     return out.getvalue()
 
 
-def render_index(reports: Mapping[str, DatasetReport], command: str, uri: str, experiment: str) -> str:
-    """The index page: one line per dataset with its sweeps, counted and skipped runs, and its files."""
-    lines = _header("fsynth results", command, uri, experiment)
-    lines += ["| dataset | sweeps | final runs counted | skipped | files |", "|---|---|---|---|---|"]
-    for name, report in reports.items():
-        counted = sum(len(r.tests) for r in report.rows)
-        lines.append(f"| {name} | {len(report.rows)} | {counted} | {sum(report.skipped.values())} | "
-                     f"[{name}.md]({name}.md), [{name}.csv]({name}.csv) |")
-    return "\n".join(lines) + "\n"
+# ----------------------------------------------------------------------------------------------------- figures
+
+
+def _seed_mean_history(client: MlflowClient, run_ids: Sequence[str]) -> list[dict[str, float]]:
+    """Figure 2's per-epoch measured regularisers, mean over the runs' seeds: [{epoch, MEASURED key: value}]."""
+    sums: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run_id in run_ids:
+        for key in MEASURED:
+            for metric in client.get_metric_history(run_id, key):
+                sums[metric.step][key].append(metric.value)
+    return [{"epoch": step, **{k: statistics.fmean(v) for k, v in sums[step].items()}} for step in sorted(sums)]
+
+
+def _download(client: MlflowClient, run_id: str, path: str, dst: Path) -> Path | None:
+    """An artifact of the run, downloaded under `dst`; None when the run has no such artifact."""
+    from mlflow.exceptions import MlflowException
+
+    folder, _, name = path.rpartition("/")
+    try:
+        if name not in {Path(a.path).name for a in client.list_artifacts(run_id, folder or None)}:
+            return None
+        return Path(client.download_artifacts(run_id, path, str(dst)))
+    except (MlflowException, OSError):  # an unreachable artifact store: the report goes on without this figure
+        return None
+
+
+def _sample_grids(client: MlflowClient, method: SweepRow, path: Path, title: str) -> Path | None:
+    """The method row's real-shot and synthetic grids side by side, when its sweep run logged either."""
+    from fsynth.plots import plot_side_by_side
+
+    with tempfile.TemporaryDirectory(prefix="fsynth-report-") as tmp:
+        real, synthetic = (_download(client, method.parent_run_id, f"synthetic/{name}", Path(tmp))
+                           for name in ("real_shots.png", "samples.png"))
+        if real is None and synthetic is None:
+            return None
+        return plot_side_by_side(real, synthetic, path, title=title)
+
+
+def make_figures(dataset: str, ab: Ablations, img_dir: Path, client: MlflowClient) -> dict[str, Path]:
+    """The dataset's figures under `img_dir` (<dataset>-regions|figure2|samples.png), each only where its rows or
+    artifacts exist: accuracy vs regions, Figure 2 (method vs CE only, seed means), the sample grids."""
+    from fsynth.plots import plot_accuracy_vs_clusters, plot_figure2
+
+    figures: dict[str, Path] = {}
+    if len(ab.regions) >= 2:
+        points = [(r.regions[1] if r.regions[0] == "static" else regions_label(r.regions), r.test_mean / 100,
+                   (r.test_std or 0.0) / 100) for r in ab.regions]
+        figures["regions"] = plot_accuracy_vs_clusters(points, img_dir / f"{dataset}-regions.png",
+                                                       title=f"{dataset}: method, accuracy vs regions")
+    curves = {name: _seed_mean_history(client, ab.loss[b].run_ids) for b, name in FIGURE2.items() if b in ab.loss}
+    if any(curves.values()):
+        figures["figure2"] = plot_figure2({k: v for k, v in curves.items() if v}, img_dir / f"{dataset}-figure2.png",
+                                          title=f"{dataset}: measured regularisers (seed mean)")
+    if ab.method is not None and ab.method.parent_run_id:
+        grids = _sample_grids(client, ab.method, img_dir / f"{dataset}-samples.png", title=dataset)
+        if grids is not None:
+            figures["samples"] = grids
+    return figures
 
 
 # ---------------------------------------------------------------------------------------------------- the CLI
@@ -408,7 +733,7 @@ def _command(args: argparse.Namespace) -> str:
         words += ["--experiment", args.experiment]
     for name in args.dataset:
         words += ["--dataset", name]
-    if args.out != "docs/results":
+    if args.out != DEFAULT_OUT:
         words += ["--out", args.out]
     return shlex.join(words)
 
@@ -432,7 +757,7 @@ def collect(uri: str, experiment: str, datasets: Sequence[str] = ()) -> dict[str
     client, experiment_id = open_experiment(uri, experiment)
     try:
         finals = [_final_run(r) for r in _search(client, experiment_id, "final")]
-        best = _best_values(_search(client, experiment_id, "sweep"))
+        sweeps = sweep_infos(_search(client, experiment_id, "sweep"))
     except MlflowException as exc:
         raise ConfigError(f"cannot read runs from {uri}: {str(exc).splitlines()[0]}") from None
     if not finals:
@@ -445,31 +770,58 @@ def collect(uri: str, experiment: str, datasets: Sequence[str] = ()) -> dict[str
             raise ConfigError(f"no final runs for {', '.join(missing)} in experiment '{experiment}' at {uri}; "
                               f"datasets with runs: {', '.join(found)} (or run python -m fsynth.tune first)")
         finals = [r for r in finals if r.dataset in datasets]
-    return aggregate(finals, best, _tables_or_none())
+    return aggregate(finals, sweeps, _tables_or_none())
 
 
-def write_reports(reports: Mapping[str, DatasetReport], out: Path, command: str, uri: str,
-                  experiment: str) -> list[Path]:
-    """Write <out>/<dataset>.md and .csv for every dataset, then <out>/index.md; return the paths."""
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
+def log_figures(uri: str, method: SweepRow | None, figures: Mapping[str, Path]) -> None:
+    """Log the figures under `report/` on the method row's sweep run (none without a method row)."""
+    from fsynth.tracking import log_artifacts
+
+    if method is None or not method.parent_run_id:
+        return
+    for path in figures.values():
+        log_artifacts(uri, method.parent_run_id, path, "report")
+
+
+def write_report(reports: Mapping[str, DatasetReport], out: Path, command: str, uri: str,
+                 experiment: str) -> list[Path]:
+    """Write the page `out`, and beside it <out stem>/<dataset>.csv and <out stem>/img/<dataset>-*.png (the
+    figures also logged to MLflow, see `log_figures`); return the paths, the page last."""
+    from fsynth.tracking import client_for
+
+    folder = out.parent / out.stem
+    folder.mkdir(parents=True, exist_ok=True)
+    client, written, links = client_for(uri), [], {}
     for name, report in reports.items():
-        for path, text in ((out / f"{name}.md", render_markdown(report, command, uri, experiment)),
-                           (out / f"{name}.csv", render_csv(report))):
-            path.write_text(text, encoding="utf-8")
-            written.append(path)
-    index = out / "index.md"
-    index.write_text(render_index(reports, command, uri, experiment), encoding="utf-8")
-    return written + [index]
+        ab = ablations(report.rows)
+        figures = make_figures(name, ab, folder / "img", client)
+        log_figures(uri, ab.method, figures)
+        table = folder / f"{name}.csv"
+        table.write_text(render_csv(report), encoding="utf-8")
+        written += [table, *figures.values()]
+        links[name] = {kind: path.relative_to(out.parent).as_posix()
+                       for kind, path in {"csv": table, **figures}.items()}
+    out.write_text(render_markdown(reports, command, uri, experiment, links), encoding="utf-8")
+    return [*written, out]
+
+
+def _out_page(text: str) -> Path:
+    """--out as an absolute markdown path; a folder (the old meaning of --out) is a one-line error."""
+    path = Path(text).expanduser().resolve()
+    if path.suffix != ".md" or path.is_dir():
+        raise ConfigError(f"--out names the results page, a .md file (e.g. {DEFAULT_OUT}), got {text}; the CSVs "
+                          "and figures go to a folder of the same name beside it")
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from fsynth.tracking import resolve_tracking_uri
 
     args = build_parser().parse_args(argv)
+    out = _out_page(args.out)
     uri = resolve_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""), args.storage)
     reports = collect(uri, args.experiment, args.dataset)
-    for path in write_reports(reports, Path(args.out).expanduser().resolve(), _command(args), uri, args.experiment):
+    for path in write_report(reports, out, _command(args), uri, args.experiment):
         print(path)
     return 0
 

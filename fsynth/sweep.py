@@ -22,13 +22,13 @@ import ray.tune
 from ray.train.v2.api.callback import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from fsynth import tracking
+from fsynth import tags, tracking
 from fsynth.config import ExperimentConfig, config_from_dict, config_to_dict, save_config, with_values
 from fsynth.errors import ConfigError, FsynthError
 from fsynth.spaces import SearchSpace, TuneSettings
 from fsynth.train_job import build_trainer, job_name
 
-KIND_TAG, SWEEP_TAG, TRAIN_NAME_TAG = "fsynth.kind", "fsynth.sweep", "fsynth.train_name"
+KIND_TAG, SWEEP_TAG, TRAIN_NAME_TAG = tags.KIND, tags.SWEEP, tags.TRAIN_NAME
 CURVE_KEYS = ("train/loss", "train/ce_real", "train/ce_synth", "train/discrepancy", "train/robustness",
               "train/accuracy", "val/accuracy", "measured/discrepancy", "measured/robustness")
 
@@ -124,8 +124,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     values = sampled_values(config)
     cfg = trial_config(ctx, values)
     name = train_run_name(ctx, cfg, _trial_index())
-    extra = {"fsynth.seed": str(cfg.training.seed)} if ctx.kind == "final" else {}
-    run_id = ensure_child_run(ctx, name, cfg, {**extra, "fsynth.values": json.dumps(values, sort_keys=True)})
+    extra = {tags.SEED: str(cfg.training.seed)} if ctx.kind == "final" else {}
+    run_id = ensure_child_run(ctx, name, cfg, {**extra, tags.VALUES: json.dumps(values, sort_keys=True)})
     # MLflow first: Tune may stop the trial (ASHA) as soon as it sees a result, before later callbacks run.
     trainer = build_trainer(cfg, fewshot_dir=ctx.fewshot_dir, synthetic_manifest=ctx.synthetic_manifest,
                             cache_dir=ctx.cache_dir, storage=ctx.train_storage, name=name,

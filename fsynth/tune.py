@@ -12,10 +12,11 @@ import argparse
 import itertools
 import json
 import os
+import shlex
 import statistics
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fsynth.baselines import BASELINES, apply_baseline
@@ -66,6 +67,7 @@ class Plan:
     tracking_uri: str
     experiment: str
     seeds: list[int]
+    command: str = ""  # the command line that made it, tagged on the sweep's run (fsynth.report prints it)
 
 
 def _absolute(path: str) -> str:
@@ -122,9 +124,9 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
-def run_tune(args: argparse.Namespace) -> dict:
+def run_tune(args: argparse.Namespace, command: str = "") -> dict:
     """Run (or continue) the whole experiment; return the summary."""
-    plan = resolve(args)
+    plan = replace(resolve(args), command=command)
     from fsynth.experiment import run_experiment
 
     return run_experiment(plan, address=args.address or os.environ.get("RAY_ADDRESS"),
@@ -157,7 +159,8 @@ def format_summary(plan: Plan, rows: list[dict], values: dict, paper, ui: str) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    run_tune(build_parser().parse_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run_tune(build_parser().parse_args(argv), command=shlex.join(["python", "-m", "fsynth.tune", *argv]))
     return 0
 
 

@@ -11,6 +11,9 @@ import pytest
 from PIL import Image
 
 from fsynth import plots
+from fsynth.config import build_config
+from fsynth.stages import ensure_fewshot
+from tests.data.fake_roots import make_root
 
 
 def assert_png(path, min_side=200):
@@ -94,6 +97,41 @@ def test_accuracy_vs_clusters(tmp_path):
     points = [("single", 0.75, 0.01), (1.0, 0.76, 0.005), (2.0, 0.78, 0.01), (4.0, 0.77, 0.02)]
     assert_png(plots.plot_accuracy_vs_clusters(points, tmp_path / "clusters.png"))
     assert_png(plots.plot_accuracy_vs_clusters([], tmp_path / "empty.png"))
+
+
+def test_image_grid_is_a_row_per_entry(tmp_path):
+    colours = [(255, 0, 0), (0, 0, 255)]
+    rows = [[Image.new("RGB", (10, 12), colours[0])] * 9, [Image.new("RGB", (5, 5), colours[1])]]  # 9: cut at 8
+    out = plots.write_image_grid(rows, tmp_path / "grid.png")
+    assert_png(out, min_side=128)
+    with Image.open(out) as img:
+        assert img.size == (8 * 64, 2 * 64)
+        assert img.getpixel((7 * 64 + 32, 32)) == colours[0]  # the 8th cell of row 1
+        assert img.getpixel((32, 64 + 32)) == colours[1] and img.getpixel((64 + 32, 64 + 32)) == (255, 255, 255)
+
+
+def test_shot_grid_has_the_samples_layout(tmp_path):
+    """The real shots of a few-shot folder (fake Fashion-MNIST, IDX rows): a row per class, the shots in it."""
+    root = make_root("fashion-mnist", tmp_path / "data", per_class=4)
+    cfg = build_config("embedded", overrides=["data.shots=3", "data.val_per_class=1"],
+                       extra={"data": {"root": str(root)}})
+    out = plots.write_shot_grid(ensure_fewshot(cfg, tmp_path / "fewshot"), tmp_path / "real_shots.png", cell=16)
+    with Image.open(out) as img:
+        assert img.size == (8 * 16, 10 * 16)  # 10 classes, 8 columns like samples.png
+        pixels = np.asarray(img.convert("L"))
+    assert all(pixels[r * 16:(r + 1) * 16, 3 * 16:].min() == 255 for r in range(10))  # 3 shots: the rest white
+    assert pixels[:, :3 * 16].std() > 0
+
+
+def test_side_by_side(tmp_path):
+    left = plots.write_image_grid([[Image.new("RGB", (8, 8), (255, 0, 0))] * 2] * 3, tmp_path / "l.png")
+    right = plots.write_image_grid([[Image.new("RGB", (8, 8), (0, 0, 255))] * 8] * 3, tmp_path / "r.png")
+    out = plots.plot_side_by_side(left, right, tmp_path / "both.png", title="fashion-mnist")
+    assert_png(out)
+    with Image.open(out) as img:
+        assert img.size[0] > 2 * 512 * 0.9 and img.size[1] >= 3 * 64
+    assert_png(plots.plot_side_by_side(None, right, tmp_path / "half.png"))  # a grid not logged: the other shows
+    assert_png(plots.plot_side_by_side(None, tmp_path / "absent.png", tmp_path / "none.png"))
 
 
 def test_confusion_csv_round_trips(tmp_path):

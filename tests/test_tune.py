@@ -38,6 +38,12 @@ def test_the_dataset_space_and_preset_are_picked_and_flags_win():
     assert dtd.tracking_uri.startswith("sqlite:////") and dtd.storage == "/tmp/fsynth-test-out"
 
 
+def test_the_ablation_space_fixes_the_demo_and_searches_nothing():
+    plan = resolve("--dataset", "fashion-mnist", "--space", "ablation", "--set", "partition.cluster_multiple=4")
+    assert plan.space.sample == () and plan.cfg.training.lr == 1e-4 and plan.seeds == [0, 1, 2]
+    assert plan.cfg.training.epochs == 3 and plan.cfg.partition.cluster_multiple == 4.0  # demo's fixed + --set
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--max-concurrent", "-1"], "--max-concurrent must be at least 1"),
@@ -160,9 +166,29 @@ def test_smoke_sweep_killed_then_continued_is_tracked_in_mlflow(tmp_path):
         assert {"config.yaml", "curves.png", "confusion_test.png", "confusion_test.csv",
                 "model/adapters.safetensors"} <= artifacts
     assert not any("test/accuracy" in r.data.metrics for r in by_kind["trial"])  # trials never see test
-    assert {"summary.md", "base_config.yaml", "space/smoke.yaml", "synthetic/samples.png"} <= _artifacts(
+    assert {"summary.md", "base_config.yaml", "space/smoke.yaml", "synthetic/samples.png",
+            "synthetic/real_shots.png"} <= _artifacts(
         client, parent.info.run_id)
     assert parent.data.metrics["final/seeds"] == 2 and "fsynth.best_values" in parent.data.tags
+    assert parent.data.tags["fsynth.command"].endswith("--space smoke --out " + str(out) + " --seeds 2")
+    _fixed_space_runs_only_final_seeds(data, out, tmp_path, env, client)
+
+
+def _fixed_space_runs_only_final_seeds(data: Path, out: Path, tmp_path: Path, env: dict, client) -> None:
+    """A space that samples nothing (like ablation.yaml) skips the sweep: one final run per seed, cached stages."""
+    space = tmp_path / "fixed.yaml"
+    space.write_text(f"extends: {REPO / 'tune_spaces' / 'smoke.yaml'}\nsample: null\n")
+    argv = [*_command(data, out, "--seeds", "1", "--baseline", "real-synthetic-ce"), "--space", str(space)]
+    run = subprocess.run(argv, cwd=tmp_path, env=env, timeout=600, capture_output=True, text=True)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-3000:]
+    assert "samples nothing; running the final seeds only" in log and "0 groups to make" in log
+    exp = client.get_experiment_by_name("fsynth").experiment_id
+    (parent,) = client.search_runs(
+        [exp], "tags.`fsynth.baseline` = 'real-synthetic-ce' and tags.`fsynth.kind` = 'sweep'")
+    nested = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert [r.data.tags["fsynth.kind"] for r in nested] == ["final"] and parent.info.status == "FINISHED"
+    assert "test/accuracy" in nested[0].data.metrics and parent.data.tags["fsynth.best_values"] == "{}"
 
 
 def _trial_histories(client) -> dict[str, int]:
