@@ -82,9 +82,13 @@ def trial_config(ctx: TrialContext, values: dict[str, Any]) -> ExperimentConfig:
 
 
 def train_run_name(ctx: TrialContext, cfg: ExperimentConfig, index: int) -> str:
-    """Deterministic and unique per sweep, trial slot and config: a rerun of the same trial resumes its Train run."""
+    """Deterministic and unique per sweep, trial slot and config: a rerun of the same trial resumes its Train run.
+
+    The sweep's id is part of it: two sweeps with the same config (an ablation that repeats the main run's best
+    values) each train and log their own runs rather than share, or race on, one Train folder."""
     base = job_name(cfg, fewshot_dir=ctx.fewshot_dir, synthetic_manifest=ctx.synthetic_manifest)
-    return f"{base}-{ctx.kind}{index:03d}"
+    sweep = hashlib.sha256(ctx.sweep_id.encode()).hexdigest()[:6]
+    return f"{base}-{sweep}-{ctx.kind}{index:03d}"
 
 
 def trial_slot(trial_id: str) -> int | None:

@@ -1,5 +1,7 @@
 """The Tune side of fsynth.tune without a running sweep: param spaces, trial configs, names, concurrency, MLflow."""
 
+import dataclasses
+
 import pytest
 import ray.tune
 from ray.tune.search.sample import Categorical, Float, Integer
@@ -67,6 +69,8 @@ def test_train_run_names_are_deterministic_and_unique():
     assert name != sweep.train_run_name(ctx, sweep.trial_config(ctx, {"training.lr": 1e-4}), 3)
     final = sweep.with_kind(ctx, "final")
     assert sweep.train_run_name(final, sweep.trial_config(final, {}), 3) != name
+    other = dataclasses.replace(ctx, sweep_id="another-sweep")  # same config in another sweep: its own Train run
+    assert sweep.train_run_name(other, cfg, 3) != name
 
 
 def test_sweep_id_changes_with_config_space_and_inputs():
