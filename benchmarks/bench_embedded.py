@@ -74,7 +74,7 @@ def encoder_steps(size: int) -> tuple[Callable, Callable]:
 def compare(title: str, variants: dict[str, tuple[Callable, Callable]], repeats: int) -> list[str]:
     """Median seconds per call of each variant's (train, forward), alternating variants; markdown rows."""
     times = {name: ([], []) for name in variants}
-    for name, (train, forward) in variants.items():  # warm-up: first calls allocate
+    for train, forward in variants.values():  # warm-up: first calls allocate
         train(), forward()
     for _ in range(repeats):
         for name, (train, forward) in variants.items():
