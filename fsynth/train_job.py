@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -129,6 +130,9 @@ def train_loop_per_worker(config: dict) -> None:
         shutil.rmtree(local, ignore_errors=True)
 
 
+WORKER_START_TIMEOUT_ENV, WORKER_START_TIMEOUT_S = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 600
+
+
 def build_trainer(cfg: ExperimentConfig, *, fewshot_dir: str | Path, synthetic_manifest: str | Path | None,
                   cache_dir: str | Path, storage: str | Path, name: str, max_failures: int = 0,
                   callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
@@ -137,6 +141,9 @@ def build_trainer(cfg: ExperimentConfig, *, fewshot_dir: str | Path, synthetic_m
     `name` must be deterministic and unique per config (`job_name`): Ray Train V2 resumes an existing run of
     the same name and storage silently. `callbacks` go to the RunConfig (e.g. Tune's `TuneReportCallback`).
     """
+    # Ray's 60 s for a worker process to start (torch, fsynth and the data imported) is too short on a busy
+    # 2-core laptop, where it then fails the run; the controller reads this from the process that calls fit.
+    os.environ.setdefault(WORKER_START_TIMEOUT_ENV, str(WORKER_START_TIMEOUT_S))
     r = cfg.resources
     resources = {"CPU": r.cpus_per_worker}
     if r.gpus_per_worker > 0:

@@ -71,3 +71,17 @@ def test_two_worker_ddp_run(tmp_path, ray_local):
     assert result.error is None and "test/accuracy" in result.metrics
     assert [m["epoch"] for m in reports(result) if "train/loss" in m] == [0, 1]
     assert (Path(result.checkpoint.path) / "adapters.safetensors").is_file()
+
+
+def test_workers_get_ten_minutes_to_start_unless_told_otherwise(tmp_path, monkeypatch):
+    """Ray's default 60 s fails runs on a busy 2-core machine; an explicit setting is left alone."""
+    from fsynth.train_job import WORKER_START_TIMEOUT_ENV, build_trainer
+
+    cfg = tiny_config(make_root("folder", tmp_path / "data", per_class=4))
+    kwargs = dict(fewshot_dir=tmp_path, synthetic_manifest=None, cache_dir=tmp_path, storage=tmp_path, name="run")
+    monkeypatch.delenv(WORKER_START_TIMEOUT_ENV, raising=False)
+    build_trainer(cfg, **kwargs)
+    assert os.environ[WORKER_START_TIMEOUT_ENV] == "600"
+    monkeypatch.setenv(WORKER_START_TIMEOUT_ENV, "30")
+    build_trainer(cfg, **kwargs)
+    assert os.environ[WORKER_START_TIMEOUT_ENV] == "30"
