@@ -172,6 +172,7 @@ class Ablations:
     regions: tuple[SweepRow, ...]  # method rows: single, then K = 1, 2, 4 ... x classes
     presets: tuple[SweepRow, ...]  # method rows: paper, then protoaug
     shots: tuple[SweepRow, ...]  # method (then real-only) rows by shots
+    one_region: Mapping[str, SweepRow] = field(default_factory=dict)  # Figure 2's rows with a single region
 
 
 # ------------------------------------------------------------------------------------------------ reading runs
@@ -434,12 +435,18 @@ def ablations(rows: Sequence[SweepRow]) -> Ablations:
         ref = Counter(loss_rows).most_common(1)[0][0] if loss_rows else None
     if ref is None:
         return Ablations(None, None, {}, (), (), ())
-    loss = {b: _pick([r for r in rows if r.baseline == b and _like(r, ref)]) for b in LOSS_LABELS}
+    # A CE-only run ignores the regions, but its measured regularisers depend on them: the one at ref's regions
+    # stands in the table when it exists.
+    loss = {b: _pick([r for r in rows if r.baseline == b and r.setting == ref])
+            or _pick([r for r in rows if r.baseline == b and _like(r, ref)]) for b in LOSS_LABELS}
+    single = replace(ref, regions=("single", ref.regions[1]))
     return Ablations(
         setting=ref, method=method, loss={b: r for b, r in loss.items() if r is not None},
         regions=_variants(rows, ref, ("method",), "regions", _regions_key),
         presets=_variants(rows, ref, ("method",), "loss_preset", lambda r: (r.loss_preset != "paper", r.loss_preset)),
         shots=_variants(rows, ref, ("method", "real-only"), "shots", lambda r: (r.shots, r.baseline != "method")),
+        one_region={b: r for b in FIGURE2
+                    if (r := _pick([x for x in rows if x.baseline == b and x.setting == single]))},
     )
 
 
@@ -577,9 +584,10 @@ def regions_label(regions: tuple[str, float]) -> str:
 
 def _axis_table(title: str, what: str, fixed: str, entries: Sequence[tuple[str, SweepRow]]) -> list[str]:
     """An ablation along one axis: a line per value (`what`), with its run, seeds, accuracy and command."""
-    lines = [f"### {title}: {fixed}", "", f"| {what} | run | seeds | test acc. (%) | command |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {value} | {row.label} | {len(row.tests)} | {_mean_std(row)} | {_command_cell(row)} |"
+    lines = [f"### {title}: {fixed}", "", f"| {what} | run | seeds | test acc. (%) | measured discrepancy | "
+             "measured robustness | command |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {value} | {row.label} | {len(row.tests)} | {_mean_std(row)} | "
+              f"{_num(row.measured.get(MEASURED[0]))} | {_num(row.measured.get(MEASURED[1]))} | {_command_cell(row)} |"
               for value, row in entries]
     return lines
 
@@ -707,6 +715,10 @@ def make_figures(dataset: str, ab: Ablations, img_dir: Path, client: MlflowClien
         figures["regions"] = plot_accuracy_vs_clusters(points, img_dir / f"{dataset}-regions.png",
                                                        title=f"{dataset}: method, accuracy vs regions")
     curves = {name: _seed_mean_history(client, ab.loss[b].run_ids) for b, name in FIGURE2.items() if b in ab.loss}
+    if ab.one_region:  # where the default regions leave the terms at 0, one region shows them at work
+        curves = {f"{k}, {regions_label(ab.setting.regions)}": v for k, v in curves.items()}
+        curves.update({f"{FIGURE2[b]}, {regions_label(r.regions)}": _seed_mean_history(client, r.run_ids)
+                       for b, r in ab.one_region.items()})
     if any(curves.values()):
         figures["figure2"] = plot_figure2({k: v for k, v in curves.items() if v}, img_dir / f"{dataset}-figure2.png",
                                           title=f"{dataset}: measured regularisers (seed mean)")

@@ -262,12 +262,12 @@ def test_fashion_mnist_axis_tables(written):
     regions, part = _table(text, "Regions")
     assert [r.split(" | ")[0] for r in regions] == ["| single region", "| K = 1 × classes", "| K = 2 × classes",
                                                         "| K = 4 × classes"]
-    assert regions[0].endswith(f"| 2 | 78.00 ± 1.41 | `{TUNE} --set partition.mode=single` |")
+    assert regions[0].endswith(f"| 2 | 78.00 ± 1.41 | – | – | `{TUNE} --set partition.mode=single` |")
     assert regions[2].endswith(f"| `{TUNE} --baseline method` |")  # the ablation's method row, not the demo sweep
     assert "![accuracy vs regions](results/img/fashion-mnist-regions.png)" in part
     presets, _ = _table(text, "Loss preset")
     assert [p.split(" | ")[0] for p in presets] == ["| paper", "| protoaug"]
-    assert presets[1].endswith(f"| 2 | 79.50 ± 0.71 | `{TUNE} --set loss.preset=protoaug` |")
+    assert presets[1].endswith(f"| 2 | 79.50 ± 0.71 | – | – | `{TUNE} --set loss.preset=protoaug` |")
     shots, _ = _table(text, "Shots")
     assert [s.split(" | ")[0] for s in shots] == ["| 4 (method)", "| 4 (real-only)", "| 16 (method)",
                                                       "| 16 (real-only)"]
