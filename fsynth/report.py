@@ -439,7 +439,7 @@ def ablations(rows: Sequence[SweepRow]) -> Ablations:
     # stands in the table when it exists.
     loss = {b: _pick([r for r in rows if r.baseline == b and r.setting == ref])
             or _pick([r for r in rows if r.baseline == b and _like(r, ref)]) for b in LOSS_LABELS}
-    single = replace(ref, regions=("single", ref.regions[1]))
+    single = replace(ref, regions=("single", 0.0))
     return Ablations(
         setting=ref, method=method, loss={b: r for b, r in loss.items() if r is not None},
         regions=_variants(rows, ref, ("method",), "regions", _regions_key),

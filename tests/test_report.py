@@ -383,3 +383,16 @@ def test_without_the_paper_file(store, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(fsynth.paper.ENV_VAR, str(tmp_path / "typo.md"))  # asked for explicitly: an error
     assert run_main(report.main, ["--tracking-uri", store["uri"], "--out", str(page)]) == 2
     assert "typo.md does not exist" in capsys.readouterr().err
+
+
+def test_the_ce_row_at_the_methods_regions_stands_and_one_region_pairs_are_found():
+    """CE-only ignores the regions but its measured terms do not: the run at the method's regions is the table's;
+    the single-region method and CE rows become Figure 2's second pair."""
+    method = _row("method", [70.8, 70.5, 71.2])
+    ce = _row("real-synthetic-ce", [70.8, 70.5, 71.2], sweep="ce")
+    ce_single = _row("real-synthetic-ce", [70.8, 70.5, 71.2], sweep="ce1", regions=("single", 0.0), end_time=9)
+    method_single = _row("method", [70.9, 71.1, 70.8], sweep="m1", regions=("single", 0.0))
+    ab = report.ablations([method, ce, ce_single, method_single])
+    assert ab.loss["real-synthetic-ce"].sweep == "ce"  # not the later single-region run
+    assert {b: r.sweep for b, r in ab.one_region.items()} == {"method": "m1", "real-synthetic-ce": "ce1"}
+    assert report.ablations([method, ce]).one_region == {}
