@@ -4,7 +4,7 @@
 # finishes what is missing and reuses the rest; a finished configuration costs seconds.
 #   bash scripts/run_ablations.sh                 # Fashion-MNIST (embedded default) then the digits folder dataset
 #   bash scripts/run_ablations.sh fashion-mnist   # one dataset only (fashion-mnist | digits)
-# On 2 CPU cores: ~4-5 min per configuration, plus ~3 min per new --shots value (its DDPM); ~1.5 h in all.
+# On 2 CPU cores: ~4-6 min per configuration, plus ~3 min per new --shots value or dataset (its DDPM); ~1.7 h in all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
@@ -26,6 +26,7 @@ if [ "$which" = all ] || [ "$which" = fashion-mnist ]; then
   fm=(--dataset fashion-mnist)
   loss_rows "${fm[@]}"
   ablate "${fm[@]}" --set partition.mode=single          # one region for all samples
+  ablate "${fm[@]}" --baseline real-synthetic-ce --set partition.mode=single  # Figure 2's CE-only at one region
   for k in 1 4; do ablate "${fm[@]}" --set partition.cluster_multiple=$k; done  # K = k x classes (2 = method)
   ablate "${fm[@]}" --set loss.preset=protoaug            # the other loss preset (paper = method)
   for shots in 8 4 1; do ablate "${fm[@]}" --shots $shots; done  # 16 = method
