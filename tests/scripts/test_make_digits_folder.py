@@ -1,21 +1,15 @@
 """scripts/make_digits_folder.py: scikit-learn's digits as a `folder` dataset that fsynth's loader reads."""
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from fsynth.data.registry import load_dataset
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_digits_folder.py"
+from tests.scripts import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("make_digits_folder", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("make_digits_folder")
 
 
 def test_writes_every_digit_and_the_loader_reads_them(tmp_path):

@@ -1,19 +1,14 @@
 """scripts/region_mixing.py: the share of synthetic samples in regions that also hold a real one."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "region_mixing.py"
+from tests.scripts import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("region_mixing", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("region_mixing")
 
 
 IDS = np.array(["fm/train/1", "fm/train/2", "synthetic/fm/x/a/0", "synthetic/fm/x/a/1", "synthetic/fm/x/b/2"])
