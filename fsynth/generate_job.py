@@ -18,6 +18,7 @@ import ray.data
 import ray.exceptions
 import torch
 
+from fsynth.cache import artefact_lock
 from fsynth.config import ExperimentConfig
 from fsynth.errors import ConfigError, FsynthError
 from fsynth.generation import build_generator, ensure_generator_artefact, lora_arguments, plan_synthetic_set
@@ -154,10 +155,11 @@ def run_generation_job(cfg: ExperimentConfig, fewshot_dir: str | Path, root: str
     artefact, fingerprint = ensure_artefact_on_cluster(cfg, fewshot_dir, root)
     key, table = plan_synthetic_set(cfg, fewshot_dir, fingerprint)
     out = prepare_synthetic_set(root, key, table)
-    groups = missing_groups(table, out)
-    log(f"{out}: {len(table)} images in {table['group'].nunique()} groups; {len(groups)} groups to make "
-        f"on {n} actor(s)")
-    if groups:
-        expected = int(table["group"].isin(groups).sum())
-        run_groups_on_ray(cfg, artefact, out, groups, expected, n, log)
-    return finish_synthetic_set(out, table)
+    with artefact_lock(out, log):  # a second sweep of the same set waits, then finds nothing left to make
+        groups = missing_groups(table, out)
+        log(f"{out}: {len(table)} images in {table['group'].nunique()} groups; {len(groups)} groups to make "
+            f"on {n} actor(s)")
+        if groups:
+            expected = int(table["group"].isin(groups).sum())
+            run_groups_on_ray(cfg, artefact, out, groups, expected, n, log)
+        return finish_synthetic_set(out, table)

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fsynth.cache import artefact_lock
 from fsynth.config import ExperimentConfig, GeneratorConfig, config_to_dict
 from fsynth.data.registry import get_spec
 from fsynth.errors import FsynthError
@@ -117,10 +118,11 @@ def run_generation_direct(cfg: ExperimentConfig, fewshot_dir: str | Path, root: 
     generator = build_generator(cfg.generator, artefact, device)
     key, table = plan_synthetic_set(cfg, fewshot_dir, generator.fingerprint)
     out = prepare_synthetic_set(root, key, table)
-    groups = missing_groups(table, out)
-    log(f"{out}: {len(table)} images in {table['group'].nunique()} groups, {len(groups)} groups to make")
-    run_groups_direct(generator, table, out, groups, log)
-    return finish_synthetic_set(out, table)
+    with artefact_lock(out, log):  # a concurrent maker of the same set waits, then finds nothing left to make
+        groups = missing_groups(table, out)
+        log(f"{out}: {len(table)} images in {table['group'].nunique()} groups, {len(groups)} groups to make")
+        run_groups_direct(generator, table, out, groups, log)
+        return finish_synthetic_set(out, table)
 
 
 def ensure_quality(cfg: ExperimentConfig, fewshot_dir: str | Path, manifest: str | Path,

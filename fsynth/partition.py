@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fsynth.cache import ensure_built
 from fsynth.errors import FsynthError
 
 MODES = ("static", "online", "single")
@@ -384,35 +385,36 @@ def _load_cached(final: Path, key: str) -> Regions:
     return Regions.load(final)
 
 
-def ensure_regions(cache_dir: str | Path, key_parts: dict, compute: Callable[[], Regions]) -> Regions:
+def ensure_regions(cache_dir: str | Path, key_parts: dict, compute: Callable[[], Regions],
+                   log: Callable[[str], None] | None = None) -> Regions:
     """The regions cached under cache_dir/regions-<key[:16]>/, computing and publishing them if absent.
 
     key_parts must hold everything that determines the regions (sample ids, feature spec, K, iterations, seed,
-    backend). Publication is one atomic rename of a complete temporary sibling, so concurrent callers of the same
-    key may all compute, but exactly one directory wins and every caller returns its contents.
+    backend). Concurrent callers of the same key (trials starting together) compute them once: the others wait
+    on the artefact's lock and load what it published. Publication is one atomic rename of a complete temporary
+    sibling, so a reader never sees a partial directory, even from a builder that was killed.
     """
     cache_dir = Path(cache_dir).resolve()  # Tune and Train change the working directory
     key = cache_key(key_parts)
     final = cache_dir / f"regions-{key[:16]}"
-    if final.is_dir():
-        return _load_cached(final, key)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    regions = compute()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
+    regions, _ = ensure_built(final, lambda: _load_cached(final, key) if final.is_dir() else None,
+                              lambda: _publish(compute(), final, key, key_parts), log)
+    return regions
+
+
+def _publish(regions: Regions, final: Path, key: str, key_parts: dict) -> Regions:
+    """Write `regions` to `final` through a temporary sibling and one rename; return the published copy."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         regions.save(tmp)
         (tmp / "key.json").write_text(_dumps({"key": key, "parts": key_parts}, indent=2))
         for path in [*tmp.iterdir(), tmp]:
             _fsync(path)
-        try:
-            os.rename(tmp, final)  # fails when another process published first: the directory is never empty
-            _fsync(cache_dir)
-        except OSError:
-            if not final.is_dir():
-                raise
+        os.rename(tmp, final)
+        _fsync(final.parent)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # the loser's copy, or a partial one after an error
-    # Winner and losers alike return the published copy, so every caller sees the same (JSON-normalised) info.
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial copy after an error
+    # Every caller returns the published copy, so all see the same (JSON-normalised) info.
     return _load_cached(final, key)
 
 

@@ -3,6 +3,8 @@
 import json
 import multiprocessing as mp
 import os
+import time
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -232,7 +234,7 @@ def test_ensure_regions_computes_once_per_key(tmp_path):
     other = ensure_regions(tmp_path, {"k": 4, "seed": 1}, compute)
     assert len(calls) == 2 and other.info == {"call": 2}
     names = {s: f"regions-{cache_key({'k': 4, 'seed': s})[:16]}" for s in (0, 1)}
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names.values())
+    assert visible(tmp_path) == sorted(names.values())
     provenance = json.loads((tmp_path / names[0] / "key.json").read_text())
     assert provenance == {"key": cache_key({"k": 4, "seed": 0}), "parts": {"k": 4, "seed": 0}}
 
@@ -242,14 +244,18 @@ def race_worker(cache_dir, barrier, queue):
     torch.set_num_threads(1)
 
     def compute():
-        barrier.wait(timeout=120)  # every process is computing before any publishes: the rename race is certain
+        with open(Path(cache_dir) / "builds.txt", "a") as f:  # one line per process that computed
+            f.write(f"{os.getpid()}\n")
+        time.sleep(1.0)  # the others arrive while this one computes
         return Regions(("a", "b", "c"), np.array([0, 1, 0]), 2, {"pid": os.getpid()})
 
+    barrier.wait(timeout=120)  # every process asks at the same moment
     regions = ensure_regions(cache_dir, {"what": "race"}, compute)
     queue.put((regions.ids, regions.assignments.tolist(), regions.k, regions.info))
 
 
-def test_ensure_regions_is_safe_under_concurrency(tmp_path):
+def test_ensure_regions_is_built_once_under_concurrency(tmp_path):
+    """Trials that start together and ask for the same regions: one computes, the others wait and load its copy."""
     ctx = mp.get_context("spawn")
     n = 3
     barrier, queue = ctx.Barrier(n), ctx.Queue()
@@ -260,9 +266,15 @@ def test_ensure_regions_is_safe_under_concurrency(tmp_path):
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    assert all(r == results[0] for r in results)  # the losers returned the winner's copy, not their own
-    assert results[0][3]["pid"] in {p.pid for p in procs}
-    assert [p.name for p in tmp_path.iterdir()] == [f"regions-{cache_key({'what': 'race'})[:16]}"]  # no leftovers
+    builders = (tmp_path / "builds.txt").read_text().split()
+    assert len(builders) == 1 and int(builders[0]) in {p.pid for p in procs}  # computed exactly once
+    assert all(r == results[0] for r in results) and results[0][3]["pid"] == int(builders[0])
+    assert visible(tmp_path) == ["builds.txt", f"regions-{cache_key({'what': 'race'})[:16]}"]  # no leftovers
+
+
+def visible(folder: Path) -> list[str]:
+    """The entries of `folder` but hidden ones (fsynth.cache's `.locks/`, which is kept)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
 
 
 # ------------------------------------------------------------------------------------------------------------ online

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fsynth.cache import ensure_built
 from fsynth.errors import FsynthError
 
 if TYPE_CHECKING:
@@ -324,26 +325,32 @@ def ensure_ddpm_generator(
     The folder `out_root/ddpm-<16 hex>` is named by sha256 of the shots' ids digest, the class count and
     `settings` (train_ddpm's keyword arguments: steps, batch_size, lr, weight_decay, warmup_steps, seed,
     resolution, channels); it holds the weights and generator.json (the settings that made them).
-    Concurrent callers may both train; the atomic rename leaves one complete copy.
+    Concurrent callers (two sweeps of one config) train it once: the others wait on its lock, then reuse it.
     """
     log = log or (lambda line: None)
     key = {"shots": shots_digest, "num_classes": num_classes, "settings": settings, "format": FORMAT}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     directory = Path(out_root).resolve() / f"ddpm-{digest}"
-    if (directory / CONFIG_FILE).is_file():
-        log(f"reusing the trained DDPM in {directory}")
+
+    def done() -> Path | None:
+        return directory if (directory / CONFIG_FILE).is_file() else None
+
+    def build() -> Path:
+        start, every = time.perf_counter(), max(1, settings["steps"] // 10)
+
+        def progress(step: int, loss: float) -> None:
+            if step % every == 0 or step == settings["steps"]:
+                log(f"ddpm step {step}/{settings['steps']} loss {loss:.4f}")
+
+        gen = train_ddpm(images, labels, num_classes, device=device, progress=progress, **settings)
+        gen = DDPMGenerator(gen.unet, gen.schedule, gen.resolution, gen.channels, gen.num_classes,
+                            training={**gen.training, "shots_digest": shots_digest})
+        save_generator(gen, directory)
+        log(f"trained DDPM {gen.fingerprint} ({settings['steps']} steps) in {time.perf_counter() - start:.1f} s "
+            f"-> {directory}")
         return directory
-    start = time.perf_counter()
-    every = max(1, settings["steps"] // 10)
 
-    def progress(step: int, loss: float) -> None:
-        if step % every == 0 or step == settings["steps"]:
-            log(f"ddpm step {step}/{settings['steps']} loss {loss:.4f}")
-
-    gen = train_ddpm(images, labels, num_classes, device=device, progress=progress, **settings)
-    gen = DDPMGenerator(gen.unet, gen.schedule, gen.resolution, gen.channels, gen.num_classes,
-                        training={**gen.training, "shots_digest": shots_digest})
-    save_generator(gen, directory)
-    log(f"trained DDPM {gen.fingerprint} ({settings['steps']} steps) in {time.perf_counter() - start:.1f} s "
-        f"-> {directory}")
+    _, built = ensure_built(directory, done, build, log)
+    if not built:
+        log(f"reusing the trained DDPM in {directory}")
     return directory

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from fsynth.cache import ensure_built
 from fsynth.config import GeneratorConfig, GeneratorFinetuneConfig
 from fsynth.data.fewshot import folder_name
 from fsynth.errors import FsynthError
@@ -319,30 +320,35 @@ def finetune_one_class(plan: LoraPlan, unit: str, *, log: Callable[[str], None] 
 
     Reuses a finished one. For parallel classes (e.g. remote tasks): `plan = plan_sd_lora(...)`, then
     `finetune_one_class(plan, c)` for each c in `plan.units()` anywhere that sees `out_root`, then
-    `finish_sd_lora(plan)`. Safe to run for different classes at once; two runs of the same class both train,
-    and the first to finish wins.
+    `finish_sd_lora(plan)`. Safe to run for different classes at once; two runs of the same class train it
+    once (the other waits on the unit's lock, then reuses it).
     """
     log = log or (lambda _msg: None)
     if _complete(plan, plan.final):
         log(f"reusing LoRA '{unit}' in {plan.final}")
         return plan.unit_dir(unit, plan.final)
     target = plan.unit_dir(unit)
-    if _unit_done(target):
-        log(f"reusing LoRA '{unit}' in {target}")
-        return target
     pick = [i for i, c in enumerate(plan.class_names) if not plan.per_class or c == unit]
     if not pick:
         raise FsynthError(f"class '{unit}' has no shots in the few-shot manifest; prepare the shots again")
-    ft, start = plan.info["finetune"], time.perf_counter()
-    result = finetune_sd_lora(
-        plan.base_path, [plan.images[i] for i in pick],
-        [generation_prompt(plan.class_names[i], plan.domain) for i in pick], rank=ft["lora_rank"], lr=ft["lr"],
-        weight_decay=ft["weight_decay"], warmup_steps=ft["warmup_steps"], batch_size=ft["batch_size"],
-        epochs=ft["epochs"], seed=plan.info["seed"], resolution=plan.info["resolution"], device=plan.device,
-        precision=plan.precision)
-    _store_unit(result, plan, unit)
-    log(f"trained LoRA '{unit}' ({result.steps} steps, loss {result.history[0]:.4f} -> {result.history[-1]:.4f}) "
-        f"in {time.perf_counter() - start:.1f} s")
+
+    def build() -> Path:
+        ft, start = plan.info["finetune"], time.perf_counter()
+        result = finetune_sd_lora(
+            plan.base_path, [plan.images[i] for i in pick],
+            [generation_prompt(plan.class_names[i], plan.domain) for i in pick], rank=ft["lora_rank"], lr=ft["lr"],
+            weight_decay=ft["weight_decay"], warmup_steps=ft["warmup_steps"], batch_size=ft["batch_size"],
+            epochs=ft["epochs"], seed=plan.info["seed"], resolution=plan.info["resolution"], device=plan.device,
+            precision=plan.precision)
+        _store_unit(result, plan, unit)
+        log(f"trained LoRA '{unit}' ({result.steps} steps, loss {result.history[0]:.4f} -> "
+            f"{result.history[-1]:.4f}) in {time.perf_counter() - start:.1f} s")
+        return target
+
+    lock = plan.final.parent / f"{plan.final.name}.{target.name}"  # beside, not inside, the folder renamed at the end
+    _, built = ensure_built(lock, lambda: target if _unit_done(target) else None, build, log)
+    if not built:
+        log(f"reusing LoRA '{unit}' in {target}")
     return target
 
 

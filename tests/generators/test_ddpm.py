@@ -141,3 +141,39 @@ def test_mismatched_directory_is_one_line_error(trained, tmp_path):
     (path / "generator.json").write_text("{not json")
     with pytest.raises(FsynthError, match="cannot read"):
         load_generator(path)
+
+
+def ddpm_race_worker(out_root, barrier, queue):
+    """One of two trials asking for the same trained DDPM at once (spawned, so module level)."""
+    import torch
+
+    from fsynth.generators.ddpm import ensure_ddpm_generator
+
+    torch.set_num_threads(1)
+    images, labels = toy_images()
+    settings = {"steps": 20, "batch_size": 8, "lr": 2e-3, "weight_decay": 0.0, "warmup_steps": 2, "seed": 0, **TINY}
+    lines = []
+    barrier.wait(timeout=120)
+    path = ensure_ddpm_generator(images, labels, 2, "toy-shots", settings, out_root, log=lines.append)
+    queue.put((str(path), lines))
+
+
+def test_two_trials_asking_for_one_ddpm_at_once_train_it_once(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=ddpm_race_worker, args=(str(tmp_path), barrier, queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    (path,) = {path for path, _ in results}
+    logs = [lines for _, lines in results]
+    assert sum(any(line.startswith("trained DDPM") for line in lines) for lines in logs) == 1
+    waiter = next(lines for lines in logs if not any(line.startswith("ddpm step") for line in lines))
+    assert waiter[-1] == f"reusing the trained DDPM in {path}"  # after "waited N s for another process ..."
+    assert load_generator(path).fingerprint
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [path.rsplit("/", 1)[1]]

@@ -151,7 +151,7 @@ def test_ensure_per_dataset_layout_reuse_and_address(tiny, tmp_path):
     cfg = gcfg(tiny)
     first = ensure_sd_lora(str(tiny), manifest, cfg, out, dataset="toy", domain="", device="cpu", log=logs.append)
     assert first.parent == out.resolve() and first.name.startswith("toy-lora-") and len(first.name) == 25
-    assert sorted(p.name for p in out.iterdir()) == [first.name]  # no staging folder left behind
+    assert sorted(p.name for p in out.iterdir()) == [".locks", first.name]  # no staging folder left behind
     info = json.loads((first / INFO_FILE).read_text())
     assert info["format"] == "fsynth-sd-lora/1" and info["scope"] == "per_dataset"
     assert info["classes"] == list(CLASSES) and info["resolution"] == 32 and info["finetune"]["epochs"] == 1
