@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +15,14 @@ import yaml
 from fsynth.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def _at_least_one(section: Any, name: str, keys: tuple[str, ...]) -> None:
+    """Counts that must be 1 or more: a one-line ConfigError naming the key and the fix."""
+    for key in keys:
+        if getattr(section, key) < 1:
+            raise ConfigError(f"{name}.{key} must be at least 1, got {getattr(section, key)}; set --set "
+                              f"{name}.{key}=N with a positive N")
 
 
 @dataclass(frozen=True)
@@ -34,10 +43,11 @@ class DataConfig:
         if self.shots <= 0:
             raise ConfigError(f"data.shots must be at least 1, got {self.shots}; ask for 1, 2, 4, 8 or 16 shots")
         if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must lie in (0, 1), got {self.val_fraction}")
+            raise ConfigError(f"data.val_fraction must lie in (0, 1), got {self.val_fraction}; e.g. 0.2")
         for key in ("val_per_class", "test_per_class"):
             if getattr(self, key) < 0:
-                raise ConfigError(f"data.{key} must be 0 (all) or positive, got {getattr(self, key)}")
+                raise ConfigError(f"data.{key} must be 0 (all) or positive, got {getattr(self, key)}; pass 0 or a "
+                                  "positive count")
 
 
 @dataclass(frozen=True)
@@ -74,10 +84,7 @@ class GeneratorConfig:
     finetune: GeneratorFinetuneConfig = field(default_factory=GeneratorFinetuneConfig)
 
     def __post_init__(self) -> None:
-        for key in ("images_per_class", "steps", "batch_size", "resolution"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"generator.{key} must be at least 1, got {getattr(self, key)}; "
-                                  f"set --set generator.{key}=N with a positive N")
+        _at_least_one(self, "generator", ("images_per_class", "steps", "batch_size", "resolution"))
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,13 @@ class PartitionConfig:
     iterations: int = 300
     pixel_side: int = 32  # side of the resized image for `pixels` features
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Checked here, with the config, so a bad value fails before the model is built and not at clustering.
+        if not self.cluster_multiple > 0:
+            raise ConfigError(f"partition.cluster_multiple must be positive, got {self.cluster_multiple}; e.g. 1, 2 "
+                              "or 4 (K = multiple x classes), or partition.mode=single for one region")
+        _at_least_one(self, "partition", ("iterations", "pixel_side"))
 
 
 @dataclass(frozen=True)
@@ -127,6 +141,12 @@ class LossConfig:
     lambda_discrepancy: float = 0.1
     lambda_robustness: float = 1.0
 
+    def __post_init__(self) -> None:
+        for key in ("ce_real_weight", "ce_synth_weight", "lambda_discrepancy", "lambda_robustness"):
+            if not getattr(self, key) >= 0:  # a negative weight rewards the loss term it should shrink
+                raise ConfigError(f"loss.{key} must be 0 or positive, got {getattr(self, key)}; pass 0 to switch "
+                                  "the term off, or a positive weight")
+
 
 @dataclass(frozen=True)
 class TrainingConfig:
@@ -153,6 +173,13 @@ class TrainingConfig:
     # Sweep trials select on validation only and never see the test set; the final seeds evaluate it once.
     evaluate_test: bool = True
 
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ConfigError(f"training.epochs must be 0 (zero-shot) or positive, got {self.epochs}; pass a count")
+        if not self.lr > 0:
+            raise ConfigError(f"training.lr must be positive, got {self.lr}; e.g. 1e-4")
+        _at_least_one(self, "training", ("batch_size", "eval_batch_size", "checkpoint_every"))
+
 
 @dataclass(frozen=True)
 class ResourcesConfig:
@@ -164,6 +191,18 @@ class ResourcesConfig:
     generator_actors: int = 1
     cpus_per_generator_actor: float = 1.0
     gpus_per_generator_actor: float = 0.0
+    # Ray Train restarts a run whose worker died or raised, from its last checkpoint, this many times (a lost
+    # spot node, an OOM kill, a flaky filesystem); a real bug fails after the last retry.
+    max_failures: int = 2
+
+    def __post_init__(self) -> None:
+        _at_least_one(self, "resources", ("num_workers", "generator_actors"))
+        if self.max_failures < 0:
+            raise ConfigError(f"resources.max_failures must be 0 (no retries) or positive, got {self.max_failures}; "
+                              "pass a count")
+        for key in ("cpus_per_worker", "gpus_per_worker", "cpus_per_generator_actor", "gpus_per_generator_actor"):
+            if not getattr(self, key) >= 0:
+                raise ConfigError(f"resources.{key} must be 0 or positive, got {getattr(self, key)}; pass a count")
 
 
 @dataclass(frozen=True)
@@ -251,14 +290,16 @@ def build_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
     """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types."""
     where = prefix or "the top level"
     if not isinstance(data, dict):
-        raise ConfigError(f"config section '{where}' must be a mapping, got {data!r}")
+        raise ConfigError(f"config section '{where}' must be a mapping, got {data!r}; write it as key: value lines")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key '{dotted}'; valid keys in {where}: {', '.join(names)}")
+            near = difflib.get_close_matches(str(key), names, n=1)
+            guess = f"; did you mean '{prefix + '.' if prefix else ''}{near[0]}'?" if near else ""
+            raise ConfigError(f"unknown config key '{dotted}'; valid keys in {where}: {', '.join(names)}{guess}")
         kwargs[key] = _coerce(value, hints[key], dotted)
     return cls(**kwargs)
 
@@ -325,7 +366,8 @@ def _read_yaml(path: Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        raise ConfigError(f"config file {path} must hold a mapping at the top level; write sections such as "
+                          "`training:` with `key: value` lines under them")
     return data
 
 

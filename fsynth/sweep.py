@@ -68,7 +68,6 @@ class TrialContext:
     sweep_id: str
     tags: tuple[tuple[str, str], ...]  # dataset, baseline, space: on every run of the sweep
     kind: str = "trial"  # "trial" (validation only) or "final" (tested once)
-    max_failures: int = 0
 
 
 def trial_config(ctx: TrialContext, values: dict[str, Any]) -> ExperimentConfig:
@@ -133,7 +132,6 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     # MLflow first: Tune may stop the trial (ASHA) as soon as it sees a result, before later callbacks run.
     trainer = build_trainer(cfg, fewshot_dir=ctx.fewshot_dir, synthetic_manifest=ctx.synthetic_manifest,
                             cache_dir=ctx.cache_dir, storage=ctx.train_storage, name=name,
-                            max_failures=ctx.max_failures,
                             callbacks=[MlflowTrainCallback(ctx.tracking_uri, run_id), TuneReportCallback()])
     result = trainer.fit()  # a failure or an ASHA stop leaves the run RUNNING: settle_runs ends it from Tune's view
     if result.error is not None:

@@ -9,6 +9,9 @@ import numbers
 import re
 import shlex
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from mlflow.exceptions import MlflowException
 
 from fsynth.config import flatten_config
 from fsynth.errors import ConfigError
+from fsynth.secrets import redact
 
 PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests runs by
 CHECKPOINT_TAG = "last_checkpoint"
@@ -32,14 +36,20 @@ MAX_METRICS_PER_BATCH = 1000
 MAX_PARAM_VALUE = 6000
 PASS_THROUGH = ("http://", "https://", "databricks", "postgresql", "mysql", "mssql")
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+REACHABLE_TIMEOUT_S = 10.0
 # MLflow 3 accepts "/" in metric names (train/loss stays as is); anything outside [/\w.\- :] becomes "_".
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 
 
-def _sqlite_uri(path: Path, query: str = "") -> str:
-    """`sqlite:////abs/path.db` for a database file, creating its folder (sqlite does not)."""
+def _sqlite_uri(path: Path, query: str = "", create: bool = True) -> str:
+    """`sqlite:////abs/path.db` for a database file, creating its folder (sqlite does not) when `create`."""
     path = path.expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if create:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the MLflow store's folder {path.parent} ({exc.strerror}); pass "
+                              "--tracking-uri / --out on a writable path") from None
     return f"sqlite:///{path.as_posix()}" + (f"?{query}" if query else "")
 
 
@@ -50,15 +60,17 @@ def _file_store_error(uri: str) -> ConfigError:
                        f"sqlite:////path/{DB_NAME}, or http://head:5000 on a cluster")
 
 
-def resolve_tracking_uri(uri: str, storage: str | Path = "") -> str:
-    """The absolute tracking URI for tracking.uri: "" is sqlite:///<abs storage>/mlflow.db; file stores are refused."""
+def resolve_tracking_uri(uri: str, storage: str | Path = "", create: bool = True) -> str:
+    """The absolute tracking URI for tracking.uri: "" is sqlite:///<abs storage>/mlflow.db; file stores are refused.
+
+    `create=False` (readers such as fsynth.report) leaves the file system as it is."""
     uri = str(uri).strip()
     if not uri:
         root = str(storage).strip()
         if "://" in root:
-            raise ConfigError(f"tracking.storage '{root}' is remote, so there is no local {DB_NAME}; set "
-                              "tracking.uri=http://head:5000 (an MLflow server) or an absolute sqlite:////path URI")
-        return _sqlite_uri(Path(root or "runs") / DB_NAME)
+            raise ConfigError(f"tracking.storage '{root}' is remote, so there is no local {DB_NAME}; pass "
+                              "--tracking-uri http://head:5000 (an MLflow server) or an absolute sqlite:////path URI")
+        return _sqlite_uri(Path(root or "runs") / DB_NAME, create=create)
     if uri.startswith(PASS_THROUGH):
         return uri
     if uri.startswith("sqlite:"):
@@ -67,15 +79,43 @@ def resolve_tracking_uri(uri: str, storage: str | Path = "") -> str:
         if path in ("", ":memory:"):
             raise ConfigError(f"tracking.uri '{uri}' is an in-memory database that no other process sees; "
                               f"pass a file, e.g. sqlite:////abs/path/{DB_NAME}")
-        return _sqlite_uri(Path(path), query)
+        return _sqlite_uri(Path(path), query, create)
     if uri.startswith("file:"):
         raise _file_store_error(uri)
     if "://" in uri:
         raise ConfigError(f"tracking.uri '{uri}' has a scheme fsynth does not know; pass http(s)://host:port, "
                           f"databricks, or sqlite:////abs/path/{DB_NAME}")
     if Path(uri).suffix.lower() in SQLITE_SUFFIXES:
-        return _sqlite_uri(Path(uri))
+        return _sqlite_uri(Path(uri), create=create)
     raise _file_store_error(uri)  # a bare folder such as ./mlruns
+
+
+def check_reachable(uri: str, timeout_s: float = REACHABLE_TIMEOUT_S) -> None:
+    """Fail in one line within `timeout_s` when the MLflow server at an http(s) `uri` does not answer.
+
+    Called before any compute: MLflow's own client retries for minutes before it gives up, and a sweep that
+    trained for an hour without its tracking store would have nowhere to put its metrics. The probe is MLflow's
+    /health endpoint: 200 is a server, 401/403 a server behind an auth wall (the client brings the credentials);
+    anything else (no answer, or another service answering 404) is not a tracking server.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else parts.netloc
+    probe = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
+    fix = ("start it (e.g. mlflow server --host 127.0.0.1 --port 5000), fix --tracking-uri / $MLFLOW_TRACKING_URI, "
+           "or leave both unset to track in sqlite under --out")
+    try:
+        with urllib.request.urlopen(probe, timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            return
+        raise ConfigError(f"{redact(uri)} answered HTTP {exc.code} at /health, so it is not an MLflow tracking "
+                          f"server; {fix}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(f"MLflow tracking server {redact(uri)} is unreachable ({reason}); {fix}") from None
 
 
 # MLflow's and alembic's INFO lines about creating the sqlite schema would bury fsynth's own one-line messages.
@@ -186,7 +226,7 @@ def end_open_children(uri: str, parent_run_id: str, status: str = "KILLED",
 def _param_value(value: Any) -> str:
     """A param's string: lists and mappings as JSON, everything else str(); cut to MLflow's 6000 characters."""
     text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
-    return text[:MAX_PARAM_VALUE]
+    return redact(text)[:MAX_PARAM_VALUE]
 
 
 def _flatten(data: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -266,8 +306,10 @@ def log_artifacts(uri: str, run_id: str, path: str | Path, artifact_path: str | 
 
 def ui_command(uri: str) -> str:
     """What to print at the end of a sweep: the `mlflow ui` command for a database, or where to open a server."""
+    uri = redact(uri)
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     if uri.startswith("databricks"):
         return f"open the Experiments page of your Databricks workspace ({uri})"
+    # mlflow ui binds to 127.0.0.1 unless given --host: the UI stays on this machine (ssh -L to reach it).
     return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"

@@ -11,16 +11,17 @@ from pathlib import Path
 
 from fsynth.baselines import BASELINES, apply_baseline, needs_synthetic
 from fsynth.checkpoints import latest
-from fsynth.cli import run_main
+from fsynth.cli import ArgumentParser, require_gpus, run_main, writable_folder
 from fsynth.config import ExperimentConfig, build_config, config_to_dict, save_config
 from fsynth.errors import ConfigError
 from fsynth.loop import FitResult, fit, pick_device
+from fsynth.models import check_model
 from fsynth.stages import build_model, build_regions, ensure_fewshot
-from fsynth.trainset import load_train_data
+from fsynth.trainset import check_regions, load_train_data
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fsynth.train", description=__doc__)
+    p = ArgumentParser(prog="python -m fsynth.train", description=__doc__)
     p.add_argument("--dataset", required=True, help="a name from `python -m fsynth.data list`")
     p.add_argument("--root", default=None, help="data root (default: the dataset's usual place)")
     p.add_argument("--preset", default="embedded", help="full, lightweight or embedded (default)")
@@ -61,13 +62,16 @@ def run_train(args: argparse.Namespace) -> FitResult:
     cfg = resolve(args)
     synthetic = str(Path(args.synthetic).resolve()) if args.synthetic else None
     if needs_synthetic(cfg) and synthetic is None:
-        raise ConfigError(f"baseline '{args.baseline}' trains on synthetic images: pass --synthetic MANIFEST "
+        raise ConfigError(f"baseline '{args.baseline}' trains on synthetic images; pass --synthetic MANIFEST "
                           "(a synthetic set's manifest.parquet), or use --baseline real-only / zero-shot")
-    out = Path(args.out).resolve()
+    out = writable_folder(args.out, "--out")
+    check_model(cfg.model)  # weights, tags, hub cache: in a second, before the data is read
+    require_gpus(cfg.resources.gpus_per_worker, "resources.gpus_per_worker")
     workdir = run_dir(out, cfg, synthetic)
     resume = latest(workdir) if args.resume else None
-    save_config(cfg, workdir / "config.yaml")
     data = load_train_data(ensure_fewshot(cfg, out / "fewshot"), synthetic if needs_synthetic(cfg) else None)
+    check_regions(cfg, data.num_classes, len(data.real), len(data.synthetic))
+    save_config(cfg, workdir / "config.yaml")
     device = pick_device()
     model = build_model(cfg, data, device)
     regions = build_regions(cfg, data, model, out / "cache")

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import ray.train
@@ -134,12 +135,14 @@ WORKER_START_TIMEOUT_ENV, WORKER_START_TIMEOUT_S = "RAY_TRAIN_WORKER_GROUP_START
 
 
 def build_trainer(cfg: ExperimentConfig, *, fewshot_dir: str | Path, synthetic_manifest: str | Path | None,
-                  cache_dir: str | Path, storage: str | Path, name: str, max_failures: int = 0,
-                  callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
+                  cache_dir: str | Path, storage: str | Path, name: str, callbacks: list | None = None,
+                  loop: Callable[[dict], None] = train_loop_per_worker) -> ray.train.torch.TorchTrainer:
     """A `TorchTrainer` for one run of `cfg`, sized by `cfg.resources`, persisting to `storage/name`.
 
     `name` must be deterministic and unique per config (`job_name`): Ray Train V2 resumes an existing run of
     the same name and storage silently. `callbacks` go to the RunConfig (e.g. Tune's `TuneReportCallback`).
+    A worker that dies or raises restarts the run from its last checkpoint, up to `resources.max_failures` times.
+    `loop` is what each worker runs (a test wraps it to inject a fault).
     """
     # Ray's 60 s for a worker process to start (torch, fsynth and the data imported) is too short on a busy
     # 2-core laptop, where it then fails the run; the controller reads this from the process that calls fit.
@@ -152,21 +155,20 @@ def build_trainer(cfg: ExperimentConfig, *, fewshot_dir: str | Path, synthetic_m
                    "synthetic_manifest": _absolute(synthetic_manifest) if synthetic_manifest else None,
                    "cache_dir": _absolute(cache_dir)}
     return ray.train.torch.TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.gpus_per_worker > 0,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=name, storage_path=_absolute(storage),
-                                       failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                                       failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
                                        callbacks=callbacks),
     )
 
 
 def run_train_job(cfg: ExperimentConfig, *, fewshot_dir: str | Path, synthetic_manifest: str | Path | None = None,
-                  cache_dir: str | Path, storage: str | Path, name: str | None = None,
-                  max_failures: int = 0) -> ray.train.Result:
+                  cache_dir: str | Path, storage: str | Path, name: str | None = None) -> ray.train.Result:
     """Fit one run of `cfg` on the connected Ray cluster; `name` defaults to `job_name` (so a rerun resumes)."""
     name = name or job_name(cfg, fewshot_dir=fewshot_dir, synthetic_manifest=synthetic_manifest)
     trainer = build_trainer(cfg, fewshot_dir=fewshot_dir, synthetic_manifest=synthetic_manifest,
-                            cache_dir=cache_dir, storage=storage, name=name, max_failures=max_failures)
+                            cache_dir=cache_dir, storage=storage, name=name)
     return trainer.fit()

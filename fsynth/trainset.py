@@ -12,10 +12,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fsynth.augment import Transform
+from fsynth.config import ExperimentConfig
 from fsynth.data.fewshot import load_manifest
 from fsynth.data.records import Sample, load_image
 from fsynth.data.registry import get_spec
-from fsynth.errors import DataError
+from fsynth.errors import ConfigError, DataError
+from fsynth.partition import num_regions
 from fsynth.synthetic import load_synthetic_manifest
 
 
@@ -62,6 +64,24 @@ def load_train_data(fewshot_dir: str | Path, synthetic_manifest: str | Path | No
     by_split = {s: _samples(frame[frame.split == s]) for s in ("train", "val", "test")}
     return TrainData(info["dataset"], tuple(info["classnames"]), get_spec(info["dataset"]).templates,
                      by_split["train"], synthetic, by_split["val"], by_split["test"])
+
+
+def check_regions(cfg: ExperimentConfig, num_classes: int, n_real: int, n_synthetic: int) -> None:
+    """Refuse more regions than the training images they partition, when a regulariser reads them.
+
+    The partition would quietly shrink K to one image a region, and the discrepancy and robustness terms, which
+    compare images within a region, would measure nothing: the run would be cross-entropy under another name.
+    """
+    p, loss = cfg.partition, cfg.loss
+    regularised = loss.lambda_discrepancy > 0 or loss.lambda_robustness > 0
+    if p.mode == "single" or not regularised or cfg.training.epochs == 0:  # no loss term reads the regions
+        return
+    n = (n_real if cfg.training.use_real else 0) + (n_synthetic if cfg.training.use_synthetic else 0)
+    k = num_regions(p.mode, p.cluster_multiple, num_classes)
+    if 0 < n < k:
+        raise ConfigError(f"partition.cluster_multiple={p.cluster_multiple:g} makes K = {k} regions for only {n} "
+                          f"training images ({num_classes} classes); lower partition.cluster_multiple to "
+                          f"{n / num_classes:g} or less, add shots or synthetic images, or set partition.mode=single")
 
 
 class ImageSet(Dataset):

@@ -20,14 +20,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fsynth.baselines import BASELINES, apply_baseline
-from fsynth.cli import run_main
+from fsynth.cli import ArgumentParser, run_main, writable_folder
 from fsynth.config import ExperimentConfig, config_to_dict, merge, with_values
 from fsynth.errors import ConfigError
 from fsynth.spaces import SearchSpace, list_spaces, load_space, space_path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fsynth.tune", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m fsynth.tune", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", required=True, help="a name from `python -m fsynth.data list`")
     p.add_argument("--root", default=None, help="data root (default: the dataset's usual place)")
     p.add_argument("--download", action="store_true", help="fetch the dataset when it is not on disk")
@@ -76,7 +76,17 @@ def _absolute(path: str) -> str:
 
 def _positive(name: str, value: int | None) -> None:
     if value is not None and value < 1:
-        raise ConfigError(f"{name} must be at least 1, got {value}")
+        raise ConfigError(f"{name} must be at least 1, got {value}; pass {name} 1 or more, or leave it out")
+
+
+def _no_set_of_sampled_keys(space: SearchSpace, overrides: Sequence[str]) -> None:
+    """A --set of a key the space samples would be overwritten in every trial: refuse it instead of ignoring it."""
+    sampled = {k for s in space.sample for k in s.keys}
+    for text in overrides:
+        key = text.partition("=")[0].strip()
+        if key in sampled:
+            raise ConfigError(f"--set {key} has no effect: {Path(space.path).name} samples {key} in every trial; "
+                              "drop the --set, or pass --space with a space that fixes it (e.g. --space ablation)")
 
 
 def resolve(args: argparse.Namespace) -> Plan:
@@ -98,14 +108,18 @@ def resolve(args: argparse.Namespace) -> Plan:
     cfg = build_config(None, extra=merge(config_to_dict(with_values(base, space.fixed)), extra),
                        overrides=args.overrides)
     cfg = apply_baseline(cfg, args.baseline)
+    _no_set_of_sampled_keys(space, args.overrides)
     generator_keys = [k for s in space.sample for k in s.keys if k.startswith(("generator.", "data."))]
     if generator_keys:
         raise ConfigError(f"{space.path}: '{generator_keys[0]}' cannot be sampled: every trial shares one synthetic "
                           "set and few-shot sample; move it to `fixed:` or run one sweep per value")
-    out = Path(_absolute(args.out))
+    out = writable_folder(args.out, "--out")
+    storage = args.storage or str(out)
+    if "://" not in storage:  # s3://... and the like are checked by Ray when it first writes there
+        storage = str(writable_folder(storage, "--storage"))
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
     n_seeds = args.seeds or space.tune.final_seeds
-    return Plan(cfg, space, out, _absolute(args.storage) if args.storage else str(out),
+    return Plan(cfg, space, out, storage,
                 resolve_tracking_uri(uri, out), args.experiment or cfg.tracking.experiment,
                 [cfg.training.seed + i for i in range(n_seeds)])
 
@@ -160,7 +174,9 @@ def format_summary(plan: Plan, rows: list[dict], values: dict, paper, ui: str) -
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    run_tune(build_parser().parse_args(argv), command=shlex.join(["python", "-m", "fsynth.tune", *argv]))
+    from fsynth.secrets import redact
+
+    run_tune(build_parser().parse_args(argv), command=redact(shlex.join(["python", "-m", "fsynth.tune", *argv])))
     return 0
 
 

@@ -40,3 +40,17 @@ def test_sigterm_is_an_interrupt_that_keeps_the_work(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 130 and (tmp_path / "cleaned").read_text() == "yes"
     assert proc.stderr.strip().startswith("error: interrupted;") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_usage_error_is_one_line_and_help_still_prints(capsys):
+    import pytest
+
+    from fsynth.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m fsynth.x")
+    parser.add_argument("--n", type=int, required=True)
+    assert run_main(parser.parse_args, ["--n", "two"]) == 2
+    assert capsys.readouterr().err == "error: argument --n: invalid int value: 'two'; run with --help for the options\n"
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(["--help"])
+    assert info.value.code == 0 and "--n N" in capsys.readouterr().out

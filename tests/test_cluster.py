@@ -107,7 +107,8 @@ def test_cluster_yaml_shape():
     # The head runs MLflow on shared storage, reachable from the workers; Ray starts with its URI in the env.
     head_cmds = " ".join(config["head_start_ray_commands"])
     assert re.search(rf"mlflow server --backend-store-uri sqlite:///{SHARED}/mlflow/mlflow\.db", head_cmds)
-    assert "--host 0.0.0.0 --port 5000" in head_cmds and "MLFLOW_TRACKING_URI=http://" in head_cmds
+    assert "--host 0.0.0.0 --port 5000" in head_cmds and 'echo "http://$HEAD_IP:5000" >' in head_cmds
+    assert "MLFLOW_TRACKING_URI=$(cat /home/ray/shared/mlflow/tracking_uri)" in head_cmds
     assert "MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000" in " ".join(config["worker_start_ray_commands"])
     assert f"--storage {SHARED}/runs" in CLUSTER.read_text()
 
@@ -135,6 +136,13 @@ def test_every_cluster_yaml_key_has_a_comment():
 
 
 # --- security ----------------------------------------------------------------------------------------------------
+
+
+def test_only_mlflow_listens_beyond_the_head_itself():
+    """The dashboard / job API binds 127.0.0.1 (reached by SSH); only MLflow, which the workers use, binds more."""
+    commands = load_cluster()["head_start_ray_commands"]
+    assert "--dashboard-host=127.0.0.1" in " ".join(commands)
+    assert [c for c in commands if "0.0.0.0" in c] == [c for c in commands if "mlflow server" in c]
 
 
 def test_only_ssh_is_open_to_the_world():

@@ -14,9 +14,10 @@ TOY = ["--set", "data.shots=2", "--set", "data.val_per_class=1", "--set", "gener
         "--set", "resources.cpus_per_generator_actor=1"]
 
 
-def run(*args, cwd):
+def run(*args, cwd, threads: int | None = None):
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     return subprocess.run([sys.executable, "-m", "fsynth.generate", *args], capture_output=True, text=True,
-                          timeout=600, cwd=cwd, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+                          timeout=600, cwd=cwd, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,7 @@ def test_bad_input_is_one_line_and_status_2(fashion, tiny, tmp_path, capsys):
         ([*sd, "--set", "generator.model=nobody/not-a-cached-model"], "nobody/not-a-cached-model"),
         (["--set", "generator.backend=dalle"], "must be one of 'sd', 'ddpm'"),
         (["--actors", "0"], "--actors must be at least 1"),
+        (["--backend", "dalle"], "argument --backend: invalid choice: 'dalle'"),  # argparse's own check
     ]
     from fsynth.cli import run_main
     from fsynth.generate import main
@@ -83,6 +85,78 @@ def test_bad_input_is_one_line_and_status_2(fashion, tiny, tmp_path, capsys):
         assert code == 2, (extra, err[-2000:])
         assert err.startswith("error: ") and err.count("\n") == 1, (extra, err)
         assert expected in err, (extra, err)
-    with pytest.raises(SystemExit) as exit_info:  # argparse's own check
-        run_main(main, [*base, "--backend", "dalle"])
-    assert exit_info.value.code == 2 and "invalid choice: 'dalle'" in capsys.readouterr().err
+
+
+def _pngs(out) -> dict:
+    """Every image the loader would take for done (visible *.png; temp files are hidden) -> its mtime."""
+    return {p: p.stat().st_mtime_ns for p in out.glob("*/*/*.png")}
+
+
+def _settled(out, quiet_s: float = 3.0) -> dict:
+    """What the killed job left, once nothing has changed for `quiet_s` (an actor may outlive its driver by a
+    group: it dies when it notices that its raylet is gone)."""
+    import time
+
+    last, since = _pngs(out), time.time()
+    while time.time() - since < quiet_s:
+        time.sleep(0.2)
+        now = _pngs(out)
+        if now != last:
+            last, since = now, time.time()
+    return last
+
+
+def _kill_mid_run(proc, out, total: int, timeout: float = 300) -> dict:
+    """SIGKILL the job (driver, Ray and actors: one process group) once some but not all images exist."""
+    import os
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if total // 4 <= len(_pngs(out)) < total // 2:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return _settled(out)
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"the job ended (exit {proc.poll()}) or timed out before it was half done")
+
+
+@pytest.mark.slow
+def test_a_generation_job_killed_mid_run_makes_only_the_missing_images_on_rerun(fashion, tiny, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from fsynth.synthetic import is_valid_png
+
+    per_class, out = 12, tmp_path / "out"
+    args = ["--dataset", "fashion-mnist", "--root", str(fashion), "--images-per-class", str(per_class), "--backend",
+            "sd", "--no-quality", "--set", f"generator.model={tiny}", "--set", "generator.resolution=32", "--set",
+            "generator.dtype=float32", "--set", "generator.finetune.enabled=false", "--set", "generator.steps=4",
+            "--set", "generator.batch_size=2", "--set", "data.shots=2", "--set", "data.val_per_class=1",
+            "--set", "resources.cpus_per_generator_actor=1", "--set", "resources.gpus_per_generator_actor=0"]
+    total = 10 * per_class
+    first = subprocess.Popen([sys.executable, "-m", "fsynth.generate", *args, "--actors", "1", "--out", str(out)],
+                             cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    made = _kill_mid_run(first, out, total)
+    assert not list(out.glob("*/manifest.parquet"))  # no manifest of an unfinished set
+    assert all(is_valid_png(p) for p in _pngs(out))  # whatever was cut off mid-write is not a visible image
+
+    again = run(*args, "--actors", "1", "--out", str(out), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    written = [line for line in again.stdout.splitlines() if "images done (" in line][-1]
+    valid_before = sum(is_valid_png(p) for p in made)
+    assert f"({total - valid_before} written)" in written  # only the missing images were made
+    assert all(p.stat().st_mtime_ns == t for p, t in made.items() if is_valid_png(p))  # nothing made twice
+    # Never interrupted, in one process; one thread like the job's actor (CPU kernels with other thread counts may
+    # round differently).
+    fresh = run(*args, "--direct", "--out", str(tmp_path / "fresh"), cwd=tmp_path, threads=1)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    resumed, clean = _pngs(out), _pngs(tmp_path / "fresh")
+    assert len(resumed) == len(clean) == total
+    for path in clean:
+        twin = out / path.relative_to(tmp_path / "fresh")
+        assert np.array_equal(np.asarray(Image.open(twin)), np.asarray(Image.open(path))), twin
+    assert len(list(out.glob("*/manifest.parquet"))) == 1

@@ -70,3 +70,43 @@ def test_ruff_is_clean():
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     result = subprocess.run([ruff, "check", "fsynth", "tests"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+# --------------------------------------------------------------------------------------------- safe by default
+
+
+def unsafe_loads(source: str) -> list[str]:
+    """Calls that could unpickle code: torch.load / load_state_dict without weights_only=True, torch.save, pickle,
+    np.load with allow_pickle=True. Returns the offending lines."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"import {n}" for n in names if n and n.split(".")[0] in ("pickle", "dill", "cloudpickle")]
+        if not isinstance(node, ast.Call):
+            continue
+        name = ast.unparse(node.func)
+        kwargs = {k.arg: ast.unparse(k.value) for k in node.keywords}
+        # torch.load, and open_clip's file reader (a module's .load_state_dict(dict) reads no file)
+        reads_file = name.endswith("torch.load") or name in ("load_state_dict", "open_clip.factory.load_state_dict")
+        if reads_file and node.args and kwargs.get("weights_only") != "True":
+            found.append(ast.unparse(node))
+        if name.endswith("torch.save") or (name.endswith("np.load") and kwargs.get("allow_pickle") == "True"):
+            found.append(ast.unparse(node))
+    return found
+
+
+def test_nothing_loads_or_writes_pickles():
+    """Checkpoints and adapters are safetensors; whatever is read with torch.load is tensors-only."""
+    offenders = {str(p.relative_to(ROOT)): unsafe_loads(p.read_text()) for p in sorted((ROOT / "fsynth").rglob("*.py"))}
+    assert {p: lines for p, lines in offenders.items() if lines} == {}
+
+
+def test_the_pickle_check_can_fail():
+    assert unsafe_loads("import torch\ntorch.load(path)\n") == ["torch.load(path)"]
+    assert unsafe_loads("x = torch.load(p, weights_only=False)") and unsafe_loads("torch.save(m, p)")
+    assert unsafe_loads("import pickle") and unsafe_loads("np.load(f, allow_pickle=True)")
+    assert unsafe_loads("open_clip.factory.load_state_dict(p)")
+    assert not unsafe_loads("torch.load(p, weights_only=True)\nmodel.load_state_dict(state)\n")

@@ -69,6 +69,16 @@ def test_memory_sqlite_and_remote_storage_without_uri_are_refused():
         resolve_tracking_uri("", "s3://bucket/runs")
 
 
+def test_a_store_on_an_unwritable_path_is_one_line_and_readers_create_nothing(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="cannot create the MLflow store's folder .*a-file/runs") as info:
+        resolve_tracking_uri(f"sqlite:///{blocker}/runs/mlflow.db")
+    assert "\n" not in str(info.value)
+    uri = resolve_tracking_uri("", tmp_path / "not-yet", create=False)
+    assert uri == f"sqlite:///{tmp_path / 'not-yet' / 'mlflow.db'}" and not (tmp_path / "not-yet").exists()
+
+
 def test_ui_command(uri):
     assert ui_command(uri) == f"mlflow ui --backend-store-uri {uri}"
     assert ui_command("sqlite:////a b/mlflow.db") == "mlflow ui --backend-store-uri 'sqlite:////a b/mlflow.db'"
@@ -186,3 +196,92 @@ def test_artifacts_land(uri, tmp_path):
     assert [a.path for a in client.list_artifacts(run_id, "final")] == ["final/adapters.safetensors"]
     artifact_dir = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://"))
     assert (artifact_dir / "final" / "adapters.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------- a real server, and losing it
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(folder: Path, port: int):
+    """`mlflow server` on 127.0.0.1:port with a sqlite store in `folder`; returns the process once /health is OK."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--artifacts-destination", str(folder / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=os.environ.copy())
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    stop_server(proc)
+    pytest.fail("mlflow server did not start in 120 s")
+
+
+def stop_server(proc) -> None:
+    """Kill the server with its worker processes (its own session's process group)."""
+    import os
+    import signal
+
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def test_unreachable_or_wrong_server_fails_fast_in_one_line(tmp_path):
+    import http.server
+    import time
+
+    from fsynth.tracking import check_reachable
+
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"unreachable \(.*refused.*\); start it") as err:
+        check_reachable(f"http://bob:hunter2@127.0.0.1:{free_port()}")  # nothing listens there
+    assert time.monotonic() - start < 5 and "\n" not in str(err.value)
+    assert "hunter2" not in str(err.value) and "bob:***@" in str(err.value)
+
+    other = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)  # answers 404
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ConfigError, match="answered HTTP 404 at /health, so it is not an MLflow tracking server"):
+            check_reachable(f"http://127.0.0.1:{other.server_port}/nothing-here")
+    finally:
+        other.shutdown()
+    check_reachable("sqlite:////no/such/folder/mlflow.db")  # not a server: nothing to probe
+
+
+def test_a_server_that_goes_away_mid_run_fails_the_report_loudly(tmp_path, monkeypatch):
+    """Metrics are never dropped in silence: once the server is gone, the next report raises."""
+    from mlflow.exceptions import MlflowException
+
+    from fsynth.tracking import check_reachable
+
+    port = free_port()
+    server = start_mlflow_server(tmp_path, port)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        check_reachable(uri)
+        report = MlflowReporter(uri, start_run(uri, "served", "fit"))
+        report({"epoch": 0, "train/loss": 1.0})
+        assert [m.value for m in client_for(uri).get_metric_history(report.run_id, "train/loss")] == [1.0]
+    finally:
+        stop_server(server)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's default retries for minutes
+    with pytest.raises(MlflowException):
+        report({"epoch": 1, "train/loss": 0.5})
+    with pytest.raises(ConfigError, match="unreachable"):
+        check_reachable(uri)

@@ -37,7 +37,7 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, capsys):
     make_root("folder", tmp_path / "data", per_class=8)
     base = ["--dataset", "folder", "--root", str(tmp_path / "data"), "--out", str(tmp_path / "runs")]
     cases = [
-        (["--baseline", "method"], "trains on synthetic images: pass --synthetic MANIFEST"),
+        (["--baseline", "method"], "trains on synthetic images; pass --synthetic MANIFEST"),
         (["--baseline", "real-only", "--set", "training.lrr=1"], "unknown config key 'training.lrr'"),
         (["--baseline", "real-only", "--preset", "nope"], "unknown preset 'nope'"),
         (["--baseline", "method", "--synthetic", str(tmp_path / "none.parquet"), *TINY],

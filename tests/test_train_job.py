@@ -85,3 +85,60 @@ def test_workers_get_ten_minutes_to_start_unless_told_otherwise(tmp_path, monkey
     monkeypatch.setenv(WORKER_START_TIMEOUT_ENV, "30")
     build_trainer(cfg, **kwargs)
     assert os.environ[WORKER_START_TIMEOUT_ENV] == "30"
+    assert build_trainer(cfg, **kwargs).run_config.failure_config.max_failures == cfg.resources.max_failures == 2
+
+
+def flaky(loop, marker: str, fail_epoch: int):
+    """`loop` with a fault injected: the first attempt raises in the middle of epoch `fail_epoch` (after one
+    optimiser step of it). Each attempt notes whether Ray handed it a checkpoint. A closure, so Ray pickles it by
+    value and the workers need not import this test module."""
+
+    def run(config: dict) -> None:
+        import ray.train
+
+        import fsynth.loop
+
+        with open(marker + ".attempts", "a") as f:
+            f.write(f"{ray.train.get_checkpoint() is not None}\n")
+        real = fsynth.loop.make_loader
+        fail_seed = fsynth.loop.epoch_seed(config["config"]["training"]["seed"], fail_epoch)
+
+        def batches(loader):
+            for i, batch in enumerate(loader):
+                if i == 1 and not os.path.exists(marker):
+                    open(marker, "w").close()
+                    raise RuntimeError("injected fault: the worker dies mid-epoch")
+                yield batch
+
+        def make_loader(dataset, batch_size, *, shuffle, seed, **kw):
+            loader = real(dataset, batch_size, shuffle=shuffle, seed=seed, **kw)
+            return batches(loader) if shuffle and seed == fail_seed else loader
+
+        fsynth.loop.make_loader = make_loader
+        loop(config)
+
+    return run
+
+
+def test_a_worker_raising_mid_epoch_is_retried_from_its_last_checkpoint(tmp_path, ray_local):
+    """FailureConfig: the run restarts from the last epoch's checkpoint and ends where an unbroken run ends."""
+    from fsynth.train_job import build_trainer, train_loop_per_worker
+
+    make_root("folder", tmp_path / "data", per_class=8)
+    cfg = tiny_config(tmp_path / "data", "training.epochs=4", "training.batch_size=2", "training.checkpoint_every=1")
+    fewshot = ensure_fewshot(cfg, tmp_path / "fewshot")
+    args = dict(fewshot_dir=fewshot, synthetic_manifest=None, cache_dir=tmp_path / "cache", storage=tmp_path / "ray")
+    clean = build_trainer(cfg, name="clean", **args).fit()
+    marker = str(tmp_path / "fault")
+    broken = build_trainer(cfg, name="broken", loop=flaky(train_loop_per_worker, marker, 2), **args).fit()
+
+    assert os.path.exists(marker)  # the fault did fire
+    assert Path(marker + ".attempts").read_text().split() == ["False", "True"]  # the retry began at a checkpoint
+    assert clean.error is None and broken.error is None
+    epochs = [m["epoch"] for m in reports(broken) if "train/loss" in m]
+    assert epochs == [0, 1, 2, 3]  # epochs 0-1 not trained again, the broken epoch 2 once, from its start
+    losses = {name: [m["train/loss"] for m in reports(r) if "train/loss" in m] for name, r in (("clean", clean),
+                                                                                              ("broken", broken))}
+    assert losses["broken"] == pytest.approx(losses["clean"], abs=1e-6)  # resumed epochs replay exactly
+    for key in ("val/accuracy", "test/accuracy"):
+        assert broken.metrics[key] == pytest.approx(clean.metrics[key], abs=1e-6), key

@@ -5,9 +5,9 @@ import pytest
 
 from fsynth.config import build_config
 from fsynth.data.records import Sample
-from fsynth.errors import DataError
+from fsynth.errors import ConfigError, DataError
 from fsynth.stages import ensure_fewshot
-from fsynth.trainset import load_train_data, real_repeats, training_items
+from fsynth.trainset import check_regions, load_train_data, real_repeats, training_items
 from tests.data.fake_roots import make_root
 
 
@@ -42,3 +42,19 @@ def test_load_train_data_reads_both_manifests(tmp_path):
         load_train_data(fewshot, tmp_path / "old.parquet")
     with pytest.raises(DataError, match="fewshot.json is missing; run `python -m fsynth.data prepare"):
         load_train_data(tmp_path / "nowhere")
+
+
+
+def test_more_regions_than_images_is_refused_where_a_loss_term_reads_them():
+    cfg = build_config(overrides=["partition.cluster_multiple=4"])  # K = 4 x 3 classes = 12 regions
+    check_regions(cfg, 3, 6, 6)  # 12 images, one a region: allowed
+    with pytest.raises(ConfigError, match=r"K = 12 regions for only 9 training images \(3 classes\); lower "
+                                          r"partition\.cluster_multiple to 3 or less"):
+        check_regions(cfg, 3, 6, 3)
+    unread = (["partition.mode=single"], ["loss.lambda_discrepancy=0", "loss.lambda_robustness=0"],
+              ["training.epochs=0"])  # one region, no regulariser, zero-shot: no loss term reads the regions
+    for overrides in unread:
+        check_regions(build_config(overrides=["partition.cluster_multiple=4", *overrides]), 3, 6, 3)
+    real_only = build_config(overrides=["partition.cluster_multiple=4", "training.use_synthetic=false"])
+    with pytest.raises(ConfigError, match="for only 6 training images"):  # the unused synthetic set does not count
+        check_regions(real_only, 3, 6, 100)

@@ -79,6 +79,18 @@ def test_missing_dataset_says_how_to_get_it(tmp_path, capsys):
     assert "does not exist" in err and "--download" in err and "--root" in err
 
 
+def test_an_unreachable_tracking_server_fails_before_any_compute(tmp_path, capsys):
+    from tests.test_tracking import free_port
+
+    root = make_root("folder", tmp_path / "data", per_class=4)
+    start = time.monotonic()
+    code = tune_main(["--dataset", "folder", "--root", str(root), "--out", str(tmp_path / "runs"), "--space", "smoke",
+                      "--tracking-uri", f"http://127.0.0.1:{free_port()}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "is unreachable" in err and "--tracking-uri" in err
+    assert time.monotonic() - start < 30 and not (tmp_path / "runs").exists()  # nothing sampled, Ray not started
+
+
 def tune_main(argv):
     from fsynth.cli import run_main
 

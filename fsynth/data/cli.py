@@ -6,13 +6,14 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from fsynth.cli import ArgumentParser, writable_folder
 from fsynth.config import DataConfig
 from fsynth.data.fewshot import build_fewshot, export_datadream, write_manifest
 from fsynth.data.registry import list_specs, load_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fsynth.data", description=__doc__)
+    parser = ArgumentParser(prog="python -m fsynth.data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="print every registered dataset with its class count")
     prep = sub.add_parser("prepare", help="draw the few shots and write the manifest")
@@ -46,10 +47,11 @@ def run_prepare(args: argparse.Namespace) -> Path:
     data = DataConfig(dataset=args.dataset, root=args.root, shots=args.shots, seed=args.seed,
                       split_seed=args.split_seed, val_fraction=args.val_fraction,
                       val_per_class=args.val_per_class, download=args.download)
+    out = writable_folder(args.out or Path("runs") / "data" / data.dataset / f"shot{data.shots}_seed{data.seed}",
+                          "--out")
     dataset = load_dataset(data.dataset, data.root, split_seed=data.split_seed,
                            val_fraction=data.val_fraction, fetch=data.download)
     fewshot = build_fewshot(dataset, data.shots, data.seed, data.val_per_class, test_per_class=data.test_per_class)
-    out = Path(args.out or Path("runs") / "data" / data.dataset / f"shot{data.shots}_seed{data.seed}").resolve()
     manifest = write_manifest(fewshot, out)
     print(f"{dataset.name}: {dataset.num_classes} classes, split from {dataset.split_source}")
     print(f"shots {len(fewshot.train)} ({data.shots}/class, seed {data.seed}), val {len(fewshot.val)}, "

@@ -32,7 +32,8 @@ def scan_class_folders(name: str, image_dir: Path, classes: list[str]) -> list[S
     for label, cls in enumerate(classes):
         folder = image_dir / cls
         if not folder.is_dir():
-            raise DataError(f"{name}: class folder {folder} is missing; the dataset root is incomplete")
+            raise DataError(f"{name}: class folder {folder} is missing; the dataset root is incomplete: "
+                            "re-extract the dataset")
         samples.extend(Sample(relative_id(name, f, image_dir), label, str(f)) for f in image_files(folder))
     return samples
 
@@ -182,7 +183,8 @@ def fashion_file(ddir: Path, stem: str) -> Path:
     for candidate in (ddir / f"{stem}.gz", ddir / stem):
         if candidate.is_file():
             return candidate
-    raise DataError(f"fashion-mnist: {stem}(.gz) is missing in {ddir}; the dataset root is incomplete")
+    raise DataError(f"fashion-mnist: {stem}(.gz) is missing in {ddir}; the dataset root is incomplete: copy "
+                    "the four IDX files there, or add --download")
 
 
 def scan_fashion_mnist(name: str, ddir: Path, image_dir: Path) -> Parts:

@@ -190,7 +190,8 @@ def _check_labels(spec: DatasetSpec, parts: dict, classnames: tuple[str, ...], r
                         "reinstall fsynth (its class-name files are damaged)")
     for split in SPLITS:
         if not parts[split]:
-            raise DataError(f"{spec.title}: the {split} split under {root} is empty; the root is incomplete")
+            raise DataError(f"{spec.title}: the {split} split under {root} is empty; the root is incomplete: "
+                            "re-extract the dataset, or add images to that split")
     bad = next((s for split in SPLITS for s in parts[split] if not 0 <= s.label < len(classnames)), None)
     if bad is not None:
         raise DataError(f"{spec.title}: label {bad.label} of {bad.path} is outside 0..{len(classnames) - 1}; "
@@ -198,4 +199,5 @@ def _check_labels(spec: DatasetSpec, parts: dict, classnames: tuple[str, ...], r
     missing = sorted(set(range(len(classnames))) - {s.label for s in parts["train"]})
     if missing:
         raise DataError(f"{spec.title}: class '{classnames[missing[0]]}' has no training image under {root} "
-                        f"({len(missing)} classes missing); the root is incomplete")
+                        f"({len(missing)} classes missing); the root is incomplete: add that class's images "
+                        "(or remove its empty folder), or re-extract the dataset")

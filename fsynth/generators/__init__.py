@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     import pandas as pd
     from PIL import Image
 
+    from fsynth.config import GeneratorConfig
+
 BACKENDS = ("sd", "ddpm")
 ROW_COLUMNS = ("label", "class_name", "prompt", "seed")
 
@@ -31,3 +33,11 @@ class ImageGenerator(Protocol):
     fingerprint: str
 
     def generate(self, rows: pd.DataFrame) -> list[Image.Image]: ...
+
+
+def check_source(g: GeneratorConfig) -> None:
+    """Refuse, before any data, Ray or training work, a generator model that cannot load on this machine."""
+    if g.backend == "sd":  # the ddpm backend trains its own model on the shots: nothing to find
+        from fsynth.generators.sd import check_model
+
+        check_model(g.model)
