@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 T = TypeVar("T")
 LOCK_DIR = ".locks"  # one hidden folder of lock files beside the artefacts they guard
@@ -59,13 +61,30 @@ def ensure_built(final: str | Path, done: Callable[[], T | None], build: Callabl
         return build(), True
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` through a unique sibling temp file and a rename: readers see all of it or nothing."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Call `write(f)` on a unique temp file beside `path`, then rename it over `path`: readers (and a rerun after
+    a kill) see the whole file or none of it. Creates the folder; returns `path`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # pid + uuid: unique across processes and threads; "xb" keeps the umask's permissions (mkstemp forces 0600).
+    # The name ends in .tmp, hidden: no glob for the real files (*.png, *.parquet) ever matches it.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        tmp.write_bytes(data)
+        with open(tmp, "xb") as f:
+            write(f)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """`atomic_write` of a bytes payload."""
+    if not isinstance(data, bytes):
+        raise TypeError(f"atomic_write_bytes takes bytes, got {type(data).__name__}")
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_json(path: str | Path, payload: object, **dumps) -> Path:
+    """`atomic_write` of `payload` as JSON text (json.dumps keyword arguments in `dumps`)."""
+    return atomic_write_bytes(path, json.dumps(payload, **dumps).encode())

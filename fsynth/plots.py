@@ -7,9 +7,7 @@ import csv
 import io
 import math
 import numbers
-import os
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from fsynth.cache import atomic_write
 from fsynth.data.fewshot import load_manifest
 from fsynth.data.records import Sample, load_image
 
@@ -32,22 +31,6 @@ ACCURACIES = ("train/accuracy", "val/accuracy")
 GRID_PER_CLASS, GRID_CELL = 8, 64
 
 
-def _atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> Path:
-    """Write via a unique temp file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # pid + uuid: unique across processes and threads; "xb" keeps the umask's permissions (mkstemp forces 0600).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)  # attaches itself as fig.canvas: PNG rendering without any global backend
@@ -57,7 +40,7 @@ def _new_figure(width: float, height: float) -> Figure:
 def _save(fig: Figure, path: str | Path, title: str) -> Path:
     if title:
         fig.suptitle(title)
-    return _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
 
 
 def _message(path: str | Path, text: str, title: str) -> Path:
@@ -217,7 +200,7 @@ def write_image_grid(rows: Sequence[Sequence[Image.Image]], path: str | Path, pe
     for r, images in enumerate(rows):
         for c, img in enumerate(list(images)[:per_row]):
             grid.paste(img.convert("RGB").resize((cell, cell), Image.Resampling.BICUBIC), (c * cell, r * cell))
-    return _atomic_write(path, lambda f: grid.save(f, format="PNG"))
+    return atomic_write(path, lambda f: grid.save(f, format="PNG"))
 
 
 def write_shot_grid(fewshot_dir: str | Path, path: str | Path, per_class: int = GRID_PER_CLASS,
@@ -270,4 +253,4 @@ def save_confusion_csv(confusion, classnames: Sequence[str], path: str | Path) -
         out.writerows([name, *map(int, row)] for name, row in zip(classnames, m, strict=True))
         text.detach()  # flush into f but leave closing it to _atomic_write
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)

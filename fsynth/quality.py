@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from fsynth.augment import build_eval_transform
+from fsynth.cache import atomic_write_bytes
 from fsynth.config import ExperimentConfig
 from fsynth.errors import FsynthError
 from fsynth.partition import embedding_features
@@ -210,16 +210,8 @@ def measure_synthetic_quality(cfg: ExperimentConfig, data: TrainData, model: tor
 
 def write_quality(out_dir: str | Path, metrics: dict) -> Path:
     """Write metrics to out_dir/quality.json atomically (a temporary sibling, then os.replace); return the path."""
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / QUALITY_NAME
-    tmp = out / f".{QUALITY_NAME}.{os.getpid()}.tmp"
-    try:
-        tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_bytes(Path(out_dir).resolve() / QUALITY_NAME,
+                              (json.dumps(metrics, indent=2, sort_keys=True) + "\n").encode())
 
 
 def load_quality(path: str | Path) -> dict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ import pandas as pd
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from fsynth.cache import atomic_write, atomic_write_json
 from fsynth.data.fewshot import folder_name, load_manifest
 from fsynth.data.records import Sample, load_image
 from fsynth.errors import DataError, FsynthError
@@ -78,12 +78,9 @@ def plan_rows(dataset: str, classnames: Sequence[str], domain: str, images_per_c
 
 
 def _atomic_png(image: Image.Image, path: Path, sid: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
     info = PngInfo()
     info.add_text(ID_KEY, sid)
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info))
 
 
 def write_synthetic_images(rows: pd.DataFrame, images: Sequence[Image.Image], out_dir: str | Path) -> pd.DataFrame:
@@ -105,13 +102,8 @@ def write_synthetic_manifest(rows: pd.DataFrame, out_dir: str | Path) -> Path:
     missing = [c for c in SYNTHETIC_COLUMNS if c not in rows.columns]
     if missing:
         raise FsynthError(f"synthetic rows lack columns {missing}; build them with fsynth.synthetic.plan_rows")
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / MANIFEST_NAME
-    tmp = out / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
-    rows[list(SYNTHETIC_COLUMNS)].reset_index(drop=True).to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    frame = rows[list(SYNTHETIC_COLUMNS)].reset_index(drop=True)
+    return atomic_write(Path(out_dir).resolve() / MANIFEST_NAME, lambda f: frame.to_parquet(f, index=False))
 
 
 def load_synthetic_manifest(path: str | Path) -> pd.DataFrame:
@@ -175,17 +167,10 @@ def prepare_synthetic_set(root: str | Path, key: dict, table: pd.DataFrame) -> P
             raise FsynthError(f"{prompts} holds another prompt table than this config makes; delete {out} "
                               "(its images were made from other prompts or seeds) and run again")
         return out
-    _atomic_write(out / SET_NAME, json.dumps(key, indent=2, sort_keys=True, default=str).encode())
-    tmp = out / f".{PROMPTS_NAME}.{os.getpid()}.tmp"
-    table[list(PROMPT_COLUMNS)].reset_index(drop=True).to_parquet(tmp, index=False)
-    os.replace(tmp, prompts)
+    atomic_write_json(out / SET_NAME, key, indent=2, sort_keys=True, default=str)
+    frame = table[list(PROMPT_COLUMNS)].reset_index(drop=True)
+    atomic_write(prompts, lambda f: frame.to_parquet(f, index=False))
     return out
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def missing_groups(table: pd.DataFrame, out_dir: str | Path) -> list[int]:
@@ -263,8 +248,4 @@ def write_sample_grid(rows: pd.DataFrame, path: str | Path, per_class: int = 8, 
         for c, p in enumerate(rows[rows["label"] == label]["path"].iloc[:per_class]):
             with Image.open(p) as img:
                 grid.paste(img.convert("RGB").resize((cell, cell), Image.Resampling.BICUBIC), (c * cell, r * cell))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    grid.save(tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: grid.save(f, format="PNG"))

@@ -11,12 +11,13 @@ a smooth image rather than 8 x 8 blocks. Idempotent: an existing complete folder
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from fsynth.cache import atomic_write
 
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -38,10 +39,7 @@ def write_folder(out: Path, side: int) -> int:
         path = out / name / f"{index:04d}.png"
         if path.is_file():
             continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        image.save(tmp, format="PNG")
-        tmp.replace(path)  # a crash never leaves a half-written PNG under the real name
+        atomic_write(path, lambda f, image=image: image.save(f, format="PNG"))  # never a half-written PNG
     return len(images)
 
 

@@ -110,3 +110,12 @@ def test_the_pickle_check_can_fail():
     assert unsafe_loads("import pickle") and unsafe_loads("np.load(f, allow_pickle=True)")
     assert unsafe_loads("open_clip.factory.load_state_dict(p)")
     assert not unsafe_loads("torch.load(p, weights_only=True)\nmodel.load_state_dict(state)\n")
+
+
+def test_reliability_doc_names_only_tests_that_exist():
+    """docs/reliability.md cites a test for every fault and safe default; each must be a real test function."""
+    cited = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", (ROOT / "docs" / "reliability.md").read_text())
+    assert len(cited) >= 12
+    missing = [f"{path}::{name}" for path, name in cited
+               if not re.search(rf"^def {name}\(", (ROOT / path).read_text(), flags=re.M)]
+    assert missing == []

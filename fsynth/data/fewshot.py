@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fsynth.cache import atomic_write, atomic_write_json
 from fsynth.data.records import RealDataset, Sample, load_image
 from fsynth.data.splits import by_label, class_rng
 from fsynth.errors import DataError
@@ -98,19 +98,15 @@ def write_manifest(fs: FewShotSet, out_dir: str | Path) -> Path:
     """Write `manifest.parquet` and `fewshot.json` (provenance) into `out_dir`, atomically; return the parquet."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "manifest.parquet"
-    tmp = out / f".manifest.parquet.{os.getpid()}.tmp"
-    manifest_frame(fs).to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    frame = manifest_frame(fs)
+    path = atomic_write(out / "manifest.parquet", lambda f: frame.to_parquet(f, index=False))
     info = {
         "dataset": fs.dataset.name, "root": fs.dataset.root, "shots": fs.shots, "seed": fs.seed,
         "split_source": fs.dataset.split_source, "num_classes": fs.dataset.num_classes,
         "counts": {"train": len(fs.train), "val": len(fs.val), "test": len(fs.test)},
         "classnames": list(fs.dataset.classnames),
     }
-    tmp_json = out / f".fewshot.json.{os.getpid()}.tmp"
-    tmp_json.write_text(json.dumps(info, indent=2))
-    os.replace(tmp_json, out / "fewshot.json")
+    atomic_write_json(out / "fewshot.json", info, indent=2)
     return path
 
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from fsynth.cache import ensure_built
+from fsynth.cache import atomic_write_json, ensure_built
 from fsynth.config import GeneratorConfig, GeneratorFinetuneConfig
 from fsynth.data.fewshot import folder_name
 from fsynth.errors import FsynthError
@@ -310,9 +310,7 @@ def _unit_done(folder: Path) -> bool:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, payload, indent=2)
 
 
 def finetune_one_class(plan: LoraPlan, unit: str, *, log: Callable[[str], None] | None = None) -> Path:
