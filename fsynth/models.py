@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from fsynth.config import ModelConfig
 from fsynth.errors import ConfigError, FsynthError
+from fsynth.hub import hub_offline
 from fsynth.prompts import class_prompts
 
 TINY_CLIP = "tiny-clip"
@@ -217,7 +218,7 @@ def check_model(cfg: ModelConfig) -> None:
     name, pretrained = _clip_source(cfg)
     if not name.startswith(HF_HUB):
         _resolve_arch(name, pretrained, warn=False)
-    elif _offline():
+    elif hub_offline():
         _hub_file(name, "open_clip_config.json")
 
 
@@ -267,7 +268,7 @@ def _clip(cfg: ModelConfig) -> nn.Module:
     name, pretrained = _clip_source(cfg)
     if name.startswith(HF_HUB):
         # Offline, read the cached snapshot as a local directory so that open_clip never reaches for the network.
-        name = "local-dir:" + str(Path(_hub_file(name, "open_clip_config.json")).parent) if _offline() else name
+        name = "local-dir:" + str(Path(_hub_file(name, "open_clip_config.json")).parent) if hub_offline() else name
     else:
         name = _resolve_arch(name, pretrained)
     try:
@@ -322,23 +323,17 @@ def _resolve_arch(name: str, pretrained: str | None, warn: bool = True) -> str:
     return sibling
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
 def _hub_file(model_id: str, filename: str) -> str:
     """Local path of `filename` of an hf-hub: model; with HF_HUB_OFFLINE set, only from the cache (never hangs)."""
     from huggingface_hub import hf_hub_download
 
     repo = model_id.removeprefix(HF_HUB)
     try:
-        return hf_hub_download(repo, filename, local_files_only=_offline())
+        return hf_hub_download(repo, filename, local_files_only=hub_offline())
     except Exception as exc:
         hint = (f"it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; run `huggingface-cli download "
                 f"{repo}` where there is network, or pass a local weights file as model.pretrained"
-                if _offline() else "check the id and the network, or set HF_HUB_OFFLINE=1 and use a cached model")
+                if hub_offline() else "check the id and the network, or set HF_HUB_OFFLINE=1 and use a cached model")
         raise FsynthError(f"cannot fetch {filename} of {model_id} ({type(exc).__name__}): {hint}") from None
 
 
@@ -513,7 +508,7 @@ def _prompt_tokens(cfg: ModelConfig, classnames: Sequence[str], templates: Seque
     name, _ = _clip_source(cfg)
     if cfg.arch == TINY_CLIP:
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=77)
-    elif name.startswith(HF_HUB) and _offline():
+    elif name.startswith(HF_HUB) and hub_offline():
         tokenizer = open_clip.get_tokenizer("local-dir:" + str(Path(_hub_file(name, "open_clip_config.json")).parent))
     else:
         tokenizer = open_clip.get_tokenizer(name)

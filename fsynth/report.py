@@ -834,10 +834,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     out = _out_page(args.out)
-    if not (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")) and "://" not in args.storage:
+    given = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not given and "://" not in args.storage:
         writable_folder(args.storage, "--storage")  # the store's folder (figures are logged to it)
-    uri = resolve_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""), args.storage,
-                               create=False)
+    uri = resolve_tracking_uri(given, args.storage, create=False)
     reports = collect(uri, args.experiment, args.dataset)
     for path in write_report(reports, out, _command(args), uri, args.experiment):
         print(path)

@@ -101,7 +101,7 @@ def check_reachable(uri: str, timeout_s: float = REACHABLE_TIMEOUT_S) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     parts = urllib.parse.urlsplit(uri)
-    netloc = parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else parts.netloc
+    netloc = parts.netloc.rpartition("@")[2]  # urllib cannot send user:password@; the MLflow client sends them
     probe = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
     fix = ("start it (e.g. mlflow server --host 127.0.0.1 --port 5000), fix --tracking-uri / $MLFLOW_TRACKING_URI, "
            "or leave both unset to track in sqlite under --out")

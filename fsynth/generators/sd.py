@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fsynth.errors import FsynthError
+from fsynth.hub import hub_offline
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -139,10 +140,6 @@ def _first_line(exc: BaseException) -> str:
     return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _not_cached_error(model: str) -> FsynthError:
     return FsynthError(f"generator model {model} is not in the local Hugging Face cache and the hub is offline or "
                        f"unreachable; download it where there is network (hf download {model}) or pass a local "
@@ -152,7 +149,7 @@ def _not_cached_error(model: str) -> FsynthError:
 def check_model(model: str) -> None:
     """Fail in a second, without importing diffusers, on a model that cannot load here: a path that does not exist
     or is no pipeline folder, or (HF_HUB_OFFLINE set) a hub id whose pipeline is not in the cache."""
-    if local_model_folder(model) is not None or not _hub_offline():
+    if local_model_folder(model) is not None or not hub_offline():
         return
     from huggingface_hub import try_to_load_from_cache
 
@@ -168,7 +165,7 @@ def _hub_error(model: str, exc: Exception) -> FsynthError:
         cur = cur.__cause__ or cur.__context__
     names = {type(e).__name__ for e in chain}
     text = " ".join(str(e) for e in chain).lower()
-    offline = (_hub_offline()
+    offline = (hub_offline()
                or bool(names & {"ConnectError", "ConnectTimeout", "ConnectionError", "OfflineModeIsEnabled",
                                 "LocalEntryNotFoundError", "TimeoutException", "ReadTimeout"})
                or "cached" in text or "connect" in text)
