@@ -62,6 +62,14 @@ class GeneratorFinetuneConfig:
     warmup_steps: int = 100
     batch_size: int = 8
     epochs: int = 200
+    # > 0: exactly this many optimiser steps whatever the number of shots (a shots ablation then compares
+    # generators trained for the same budget); 0: `epochs` passes over the shots.
+    steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"generator.finetune.steps must be 0 (from epochs) or positive, got {self.steps}; "
+                              "pass a step count")
 
 
 @dataclass(frozen=True)
@@ -82,9 +90,17 @@ class GeneratorConfig:
     lora_scale: float = 1.0
     batch_size: int = 8  # images per generator call; fixed groups of the prompt table, so resumes are bit-identical
     finetune: GeneratorFinetuneConfig = field(default_factory=GeneratorFinetuneConfig)
+    # Image-to-image (SDEdit, as IsSynth and DISEF): "shots" noises a real shot of the class to `strength` of the
+    # schedule and denoises it with the class condition (each image records its source shot); "noise" starts from
+    # pure noise (text-to-image).
+    init_from: Literal["noise", "shots"] = "noise"
+    strength: float = 1.0  # in (0, 1]: how far each shot is noised (1 = pure noise)
 
     def __post_init__(self) -> None:
         _at_least_one(self, "generator", ("images_per_class", "steps", "batch_size", "resolution"))
+        if not 0.0 < self.strength <= 1.0:
+            raise ConfigError(f"generator.strength must lie in (0, 1], got {self.strength}; e.g. 0.5 (half-way "
+                              "noised shots) or 1 (pure noise)")
 
 
 @dataclass(frozen=True)
@@ -92,11 +108,15 @@ class PartitionConfig:
     """The regions Z_1..Z_K: static k-means before training, online MacQueen updates, or a single region."""
 
     mode: Literal["static", "online", "single"] = "static"
-    features: Literal["embedding", "pixels"] = "embedding"
+    # outputs: the model's outputs h(z), the prediction space of the paper's Appendix A.4 (centroids from the
+    # starting model, each batch assigned with the current outputs); embedding: the frozen encoder's image
+    # embeddings; pixels: resized images, flattened.
+    features: Literal["outputs", "embedding", "pixels"] = "embedding"
     cluster_multiple: float = 2.0  # K = round(cluster_multiple * num_classes)
     iterations: int = 300
     pixel_side: int = 32  # side of the resized image for `pixels` features
     seed: int = 0
+    refit_every: int = 0  # `outputs` regions: refit the centroids with the current model every N epochs (0 = never)
 
     def __post_init__(self) -> None:
         # Checked here, with the config, so a bad value fails before the model is built and not at clustering.
@@ -104,6 +124,9 @@ class PartitionConfig:
             raise ConfigError(f"partition.cluster_multiple must be positive, got {self.cluster_multiple}; e.g. 1, 2 "
                               "or 4 (K = multiple x classes), or partition.mode=single for one region")
         _at_least_one(self, "partition", ("iterations", "pixel_side"))
+        if self.refit_every < 0:
+            raise ConfigError(f"partition.refit_every must be 0 (never) or positive, got {self.refit_every}; pass "
+                              "a number of epochs")
 
 
 @dataclass(frozen=True)
@@ -135,7 +158,9 @@ class ModelConfig:
 class LossConfig:
     """Eq. 7 of the paper: lambda*CE(real) + CE(synth) + lambda1*discrepancy + lambda2*robustness."""
 
-    preset: Literal["paper", "protoaug"] = "protoaug"
+    # paper: eq. 7 as written; protoaug: the official full code's reductions; protoaug-lightweight: the official
+    # lightweight code's (g = the batch's synthetic samples, ordered pairs with the diagonal). DESIGN.md 1.3.
+    preset: Literal["paper", "protoaug", "protoaug-lightweight"] = "protoaug"
     ce_real_weight: float = 4.0
     ce_synth_weight: float = 1.0
     lambda_discrepancy: float = 0.1
@@ -164,6 +189,10 @@ class TrainingConfig:
     # Real shots are repeated each epoch to about this many real images per synthetic one (0 = each shot once;
     # the reference oversamples to ~1, except on DTD and Pets).
     real_per_synthetic: float = 1.0
+    # Every baseline takes as many optimiser steps per epoch as the method: an epoch holds as many items as the
+    # method's (shots oversampled against generator.images_per_class x classes, plus those synthetic images),
+    # filled by cycling the baseline's own training images. False: each baseline's natural epoch.
+    match_steps: bool = True
     augment: Literal["datadream", "none"] = "datadream"
     seed: int = 0
     loader_workers: int = 0
