@@ -55,7 +55,9 @@ def ensure_regions_on_cluster(cfg: ExperimentConfig, variants: list[dict], fewsh
                               cache_dir: Path, log: Log) -> None:
     """Static regions for every partition of the space, one Ray task each (cached: a rerun only loads them)."""
     cfgs = [with_values(cfg, v) for v in variants]
-    cfgs = [c for c in cfgs if c.partition.mode == "static" and cfg.training.epochs > 0]
+    # prediction-space regions are fitted by each run's loop on its starting model: nothing to build here
+    cfgs = [c for c in cfgs if c.partition.mode == "static" and c.partition.features != "outputs"
+            and cfg.training.epochs > 0]
     r = cfg.resources
     task = _regions_task.options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)
     refs = [task.remote(config_to_dict(c), str(fewshot), str(synthetic) if synthetic else None, str(cache_dir))

@@ -16,11 +16,21 @@ from torch import nn
 
 from fsynth import checkpoints
 from fsynth.augment import build_eval_transform, build_train_transform, mix_within_domains
+from fsynth.batch_regions import (
+    MixingCounter,
+    dataset_features,
+    fit_centroids,
+    needs_partitioner,
+    no_mixing_warning,
+    output_features,
+    refit_due,
+    uses_outputs,
+)
 from fsynth.config import ExperimentConfig
 from fsynth.evaluate import EvalResult, evaluate
 from fsynth.loss import LossOutput, regularized_loss, synthetic_only_loss
-from fsynth.partition import OnlinePartitioner, num_regions
-from fsynth.trainset import ImageSet, TrainData, make_loader, real_repeats, training_items
+from fsynth.partition import OnlinePartitioner
+from fsynth.trainset import ImageSet, TrainData, epoch_items, make_loader
 
 Report = Callable[[dict, "str | None"], None]
 PARTS = ("ce_real", "ce_synth", "discrepancy", "robustness")
@@ -36,6 +46,9 @@ class LoopHooks:
     # [B, ...] on each rank -> [world * B, ...] in rank order: every rank updates the online centroids with
     # every rank's synthetic features, so the centroids stay identical across DDP workers.
     all_gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    # rank 0's tensor on every rank: the prediction-space centroids, so every rank assigns with the same ones
+    broadcast: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    log: Callable[[str], None] = print  # one-line warnings (the chief's only)
 
 
 @dataclass
@@ -90,41 +103,73 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
-def _online_regions(model, images, synthetic, partitioner, hooks: LoopHooks) -> torch.Tensor:
-    """[B] regions of a batch under the current centroids, then the MacQueen update with every rank's synthetic
-    features (`model` may be a DDP wrapper: the encoder is its `.module`'s)."""
-    with torch.no_grad():
-        feats = getattr(model, "module", model).encode(images).float()
-    regions = partitioner.assign(feats)
-    all_feats = hooks.all_gather(feats)
-    all_synthetic = hooks.all_gather(synthetic.to(torch.uint8)).bool()
-    all_regions = partitioner.assign(all_feats) if all_feats is not feats else regions
-    partitioner.update(all_feats[all_synthetic], all_regions[all_synthetic])
+@dataclass
+class _Run:
+    """What every batch of a run needs besides the batch: the config, the model and its optimisation, regions."""
+
+    cfg: ExperimentConfig
+    data: TrainData
+    model: nn.Module  # possibly a DDP wrapper (the encoder is then its `.module`'s)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    dtype: torch.dtype | None
+    device: torch.device
+    hooks: LoopHooks
+    partitioner: OnlinePartitioner | None = None
+    # Prediction-space refits: the latest training output of every epoch item [N_items, C] and, for each sample of
+    # real ∪ synthetic, the item position whose output stands for it.
+    latest: torch.Tensor | None = None
+    representative: np.ndarray | None = None
+
+
+def _gather(hooks: LoopHooks, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [hooks.all_gather(t) for t in tensors]
+
+
+def _assign(run: _Run, feats: torch.Tensor, synthetic: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[B] nearest centroids of a batch's features [B, D]; records them for a refit and, online, updates the
+    centroids (MacQueen) with every rank's synthetic samples, so the centroids stay identical across ranks."""
+    part, online = run.partitioner, run.cfg.partition.mode == "online"
+    regions = part.assign(feats)
+    if online or run.latest is not None:
+        all_feats, all_synth, all_pos = _gather(run.hooks, feats, synthetic.to(torch.uint8), positions)
+        if run.latest is not None:
+            run.latest[all_pos.cpu()] = all_feats.cpu()
+        if online:
+            all_regions = part.assign(all_feats) if all_feats is not feats else regions
+            part.update(all_feats[all_synth.bool()], all_regions[all_synth.bool()])
     return regions
 
 
-def _train_epoch(cfg, data, model, loader, optimizer, scheduler, scaler, dtype, partitioner, device, gen,
-                 hooks: LoopHooks) -> dict:
-    """One pass over the epoch's items; returns the mean loss parts and the training accuracy."""
+def _train_epoch(run: _Run, loader, gen: torch.Generator) -> dict:
+    """One pass over the epoch's items; returns the mean loss parts, the training accuracy and the mixing."""
+    cfg, model, device = run.cfg, run.model, run.device
     model.train()
     sums = {k: 0.0 for k in ("loss", *PARTS)}
     correct = seen = 0
-    amp = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    mixing, outputs = MixingCounter(), uses_outputs(cfg)
+    amp = torch.autocast(device.type, dtype=run.dtype) if run.dtype else nullcontext()
     for batch in loader:
         images, labels = batch["image"].to(device), batch["label"].to(device)
         synthetic, regions = batch["synthetic"].to(device), batch["region"].to(device)
-        if partitioner is not None:  # online regions: assign with the current centroids, then update them
-            regions = _online_regions(model, images, synthetic, partitioner, hooks)
-        targets = F.one_hot(labels, data.num_classes).float()
+        positions = batch["position"].to(device)
+        if run.partitioner is not None and not outputs:  # online regions of the encoder's embeddings
+            with torch.no_grad():
+                regions = _assign(run, getattr(model, "module", model).encode(images).float(), synthetic, positions)
+        targets = F.one_hot(labels, run.data.num_classes).float()
         images, targets = mix_within_domains(images, targets, synthetic.cpu(), cfg.training.mix_prob, gen)
         with amp:
             logits = model(images)
-        out = compute_loss(cfg, data, logits.float(), targets, synthetic, regions)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(out.total).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        if run.partitioner is not None and outputs:  # Algorithm 1, line 7: the batch's current outputs
+            regions = _assign(run, output_features(cfg, logits), synthetic, positions)
+        mixing.add(regions, synthetic)
+        out = compute_loss(cfg, run.data, logits.float(), targets, synthetic, regions)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(out.total).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.scheduler.step()
         n = len(labels)
         sums["loss"] += float(out.total.detach()) * n
         for k in PARTS:
@@ -133,6 +178,8 @@ def _train_epoch(cfg, data, model, loader, optimizer, scheduler, scaler, dtype, 
         seen += n
     metrics = {f"train/{k}": v / max(seen, 1) for k, v in sums.items()}
     metrics["train/accuracy"] = correct / max(seen, 1)
+    if cfg.training.use_real and cfg.training.use_synthetic:
+        metrics.update(mixing.metrics())
     return metrics
 
 
@@ -146,10 +193,11 @@ def measure_regularisers(cfg, data, model, dataset, device, dtype, partitioner) 
     for batch in loader:
         images, labels = batch["image"].to(device), batch["label"].to(device)
         synthetic, regions = batch["synthetic"].to(device), batch["region"].to(device)
-        if partitioner is not None:
-            regions = partitioner.assign(model.encode(images).float())
         with amp:
             logits = model(images)
+        if partitioner is not None:
+            feats = output_features(cfg, logits) if uses_outputs(cfg) else model.encode(images).float()
+            regions = partitioner.assign(feats)
         out = compute_loss(cfg, data, logits.float(), F.one_hot(labels, data.num_classes).float(),
                            synthetic, regions, lambdas=(1.0, 1.0))
         sums["discrepancy"] += float(out.parts["discrepancy"])
@@ -159,17 +207,24 @@ def measure_regularisers(cfg, data, model, dataset, device, dtype, partitioner) 
     return {f"measured/{k}": v / max(batches, 1) for k, v in sums.items()}
 
 
-def _build_online(cfg, data, model, dataset, device) -> OnlinePartitioner | None:
-    """The lightweight variant's MacQueen partitioner, initialised from the frozen encoder's embeddings."""
-    if cfg.partition.mode != "online":
+def _build_partitioner(cfg, data, model, plain, device, hooks: LoopHooks) -> OnlinePartitioner | None:
+    """Centroids held by the loop: online (MacQueen) or prediction-space ones, fitted on the starting model."""
+    if not needs_partitioner(cfg):
         return None
-    loader = make_loader(dataset, cfg.training.eval_batch_size, shuffle=False, seed=0, workers=0)
-    with torch.no_grad():
-        model.eval()
-        feats = torch.cat([model.encode(b["image"].to(device)).float() for b in loader])
-        model.train()
-    k = min(num_regions("static", cfg.partition.cluster_multiple, data.num_classes), len(feats))
-    return OnlinePartitioner.from_features(feats, k, cfg.partition.seed)
+    loader = make_loader(plain, cfg.training.eval_batch_size, shuffle=False, seed=0, workers=0)
+    return fit_centroids(cfg, dataset_features(cfg, model, loader, device), data.num_classes, hooks.broadcast)
+
+
+def _refit(run: _Run) -> None:
+    """New prediction-space centroids: k-means over each sample's latest training output (no extra forward)."""
+    feats = run.latest[torch.from_numpy(run.representative)].to(run.device)
+    run.partitioner = fit_centroids(run.cfg, feats, run.data.num_classes, run.hooks.broadcast)
+
+
+def _representatives(items: list, plain_samples: list) -> np.ndarray:
+    """For each sample of `plain_samples`, the last position in `items` that holds it (joined by id)."""
+    last = {s.id: i for i, s in enumerate(items)}
+    return np.array([last[s.id] for s in plain_samples], dtype=np.int64)
 
 
 def fit(cfg: ExperimentConfig, data: TrainData, model: nn.Module, report: Report, *, workdir: str | Path,
@@ -185,43 +240,52 @@ def fit(cfg: ExperimentConfig, data: TrainData, model: nn.Module, report: Report
     workdir = Path(workdir).resolve()
     torch.manual_seed(cfg.training.seed)
     model = model.to(device)
-    dtype = amp_dtype(cfg, device)
-    t = cfg.training
-    real = data.real if t.use_real else []
-    synthetic = data.synthetic if t.use_synthetic else []
-    items, flags = training_items(real, synthetic, real_repeats(len(real), len(synthetic), t.real_per_synthetic))
-    region_of = regions([s.id for s in items]) if regions is not None else np.zeros(len(items), dtype=np.int64)
+    dtype, t = amp_dtype(cfg, device), cfg.training
+    items, flags = epoch_items(cfg, data)
+    real, synthetic = (data.real if t.use_real else []), (data.synthetic if t.use_synthetic else [])
+    lookup = regions or (lambda ids: np.zeros(len(ids), dtype=np.int64))
     mean, std, size = model.mean, model.std, model.image_size
-    train_set = ImageSet(items, flags, region_of, build_train_transform(size, mean, std, t.augment))
+    train_set = ImageSet(items, flags, lookup([s.id for s in items]), build_train_transform(size, mean, std, t.augment))
     eval_tf = build_eval_transform(size, mean, std)
-    # Each training sample once, without augmentation: for the online centroids' start and for Figure 2.
-    plain = ImageSet(real + synthetic, np.array([False] * len(real) + [True] * len(synthetic), dtype=bool),
-                     np.concatenate([region_of[: len(real)], region_of[len(items) - len(synthetic):]]), eval_tf)
+    # Each training sample once, without augmentation: for the centroids' start and for Figure 2.
+    plain_samples = real + synthetic
+    plain = ImageSet(plain_samples, np.array([False] * len(real) + [True] * len(synthetic), dtype=bool),
+                     lookup([s.id for s in plain_samples]), eval_tf)
     val_loader = _eval_loader(data.val, eval_tf, t)
-    partitioner = _build_online(cfg, data, model, plain, device) if items else None
     steps_per_epoch = math.ceil(len(items) / t.batch_size) if items else 0
     params = list(model.trainable_parameters())
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay) if params else None
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, t.epochs * steps_per_epoch),
                                                             eta_min=t.min_lr) if optimizer else None)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    run = _Run(cfg, data, model, optimizer, scheduler, scaler, dtype, device, hooks)
+    if items and t.epochs > 0:
+        run.partitioner = _build_partitioner(cfg, data, model, plain, device, hooks)
+        if cfg.partition.refit_every > 0 and uses_outputs(cfg):
+            run.latest = torch.zeros(len(items), data.num_classes)
+            run.representative = _representatives(items, plain_samples)
     state = TrainState()
     if resume_from is not None:
-        state = checkpoints.load(resume_from, model, optimizer, scheduler, partitioner)
-    wrapped = hooks.prepare_model(model)
+        state = checkpoints.load(resume_from, model, optimizer, scheduler, run.partitioner)
+    run.model = hooks.prepare_model(model)
+    warned = False
     for epoch in range(state.epoch + 1, t.epochs if items else 0):
         seed = epoch_seed(t.seed, epoch)
         torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
         loader = hooks.prepare_loader(make_loader(train_set, t.batch_size, shuffle=True, seed=seed,
                                                   workers=t.loader_workers))
-        metrics = _train_epoch(cfg, data, wrapped, loader, optimizer, scheduler, scaler, dtype, partitioner,
-                               device, gen, hooks)
+        metrics = _train_epoch(run, loader, torch.Generator().manual_seed(seed))
+        if refit_due(cfg, epoch):  # before the checkpoint, so a resumed run replays the refitted regions
+            _refit(run)
         val = evaluate(model, val_loader, data.num_classes, device, dtype)
         metrics.update({"epoch": epoch, "lr": scheduler.get_last_lr()[0], "val/accuracy": val.accuracy,
                         "val/loss": val.loss})
         if t.measure_regularisers and synthetic and real:
-            metrics.update(measure_regularisers(cfg, data, model, plain, device, dtype, partitioner))
+            metrics.update(measure_regularisers(cfg, data, model, plain, device, dtype, run.partitioner))
+        warning = no_mixing_warning(cfg, metrics) if hooks.is_chief and not warned else None
+        if warning:
+            hooks.log(warning)
+            warned = True
         if val.accuracy > state.best_val_accuracy:
             state.best_val_accuracy, state.best_epoch = val.accuracy, epoch
             state.best_adapters = copy.deepcopy(model.adapter_state_dict())
@@ -231,7 +295,7 @@ def fit(cfg: ExperimentConfig, data: TrainData, model: nn.Module, report: Report
         ckpt = None
         if due and hooks.is_chief:
             ckpt = checkpoints.save(workdir / "checkpoints" / f"epoch_{epoch:04d}", model, optimizer, scheduler,
-                                    partitioner, state, cfg)
+                                    run.partitioner, state, cfg)
         report(metrics, ckpt)
     return _finish(cfg, data, model, report, state, workdir, eval_tf, device, dtype, hooks)
 

@@ -26,6 +26,9 @@ DPI = 100
 MEASURED = (("measured/discrepancy", "discrepancy"), ("measured/robustness", "robustness"))
 LOSS_PARTS = ("train/loss", "train/ce_real", "train/ce_synth", "train/discrepancy", "train/robustness")
 ACCURACIES = ("train/accuracy", "val/accuracy")
+# What the regularisers can act on (fsynth.batch_regions.MixingCounter): shares of the synthetic samples.
+MIXING = (("mixing/synthetic_in_mixed", "in a region with a real sample"),
+          ("mixing/batch_synthetic_in_t", "with a real sample of its region in its batch"))
 # = fsynth.synthetic.write_sample_grid's samples.png (8 images per class, 64 px cells): the real-shot grid is laid
 # out the same way, so the two line up class by class when shown side by side.
 GRID_PER_CLASS, GRID_CELL = 8, 64
@@ -135,7 +138,8 @@ def plot_regulariser_curves(history: Sequence[Mapping], path: str | Path, title:
         return _message(path, "no epochs", title)
     panels = [("measured regularisers (λ = 1)", MEASURED),
               ("training loss parts", [(k, k.removeprefix("train/")) for k in LOSS_PARTS]),
-              ("accuracy", [(k, k.split("/")[0]) for k in ACCURACIES])]
+              ("accuracy", [(k, k.split("/")[0]) for k in ACCURACIES]),
+              ("region mixing (share of synthetic samples)", MIXING)]
     panels = [(name, keys) for name, keys in panels if any(_series(history, k)[0] for k, _ in keys)]
     if not panels:
         return _message(path, "no metrics recorded", title)

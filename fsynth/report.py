@@ -47,6 +47,9 @@ SHORT_KEYS = {"training.lr": "lr", "training.weight_decay": "wd", "loss.lambda_d
               "loss.lambda_robustness": "λ2", "loss.ce_real_weight": "λ"}
 SHOWN_KEYS = ("partition.mode", "partition.cluster_multiple")  # already in the label's partition part
 MEASURED = ("measured/discrepancy", "measured/robustness")  # Figure 2's quantities, logged every epoch by finals
+# What the regularisers could act on (fsynth.batch_regions): synthetic samples in a region with a real sample,
+# over the epoch and within their batch, logged every epoch by runs that train on both kinds.
+MIXING = ("mixing/synthetic_in_mixed", "mixing/batch_synthetic_in_t")
 _PARTITION = PartitionConfig()
 DEFAULT_REGIONS = (_PARTITION.mode, _PARTITION.cluster_multiple)  # the method row's regions (static, K = 2 x C)
 # The loss ablation's rows, in order: (baseline, label, CE on synthetic images, discrepancy term, robustness term).
@@ -59,7 +62,8 @@ LOSS_LABELS = {row[0]: row[1] for row in LOSS_ROWS}
 FIGURE2 = {"method": "method", "real-synthetic-ce": "real + synthetic CE only"}  # Figure 2's runs, as labelled
 CSV_FIELDS = ("dataset", "sweep", "space", "baseline", "preset", "loss_preset", "regions", "shots", "label",
               "seeds", "test_mean", "test_std", "test_per_seed", "seed_ids", "val_mean", "measured_discrepancy",
-              "measured_robustness", "paper", "paper_row", "paper_other", "command", "parent_run")
+              "measured_robustness", "mixing_synthetic_in_mixed", "mixing_batch_synthetic_in_t",
+              "paper", "paper_row", "paper_other", "command", "parent_run")
 NOTE = ("Test accuracy (%) of each sweep's final runs: mean ± sample std over seeds (ddof 1; one seed: –); the "
         "configuration was selected on validation accuracy only and test was evaluated once per seed. *paper* is "
         "the published row the run corresponds to (`shared/reference/paper_tables.md`); the paper's code picked "
@@ -225,7 +229,7 @@ def _final_run(run: Any) -> FinalRun:
         val=_fraction(metrics, "best/val_accuracy", "val/accuracy"),
         parent=run_tags.get(PARENT_TAG, ""),
         # MLflow's latest value of a metric is the one at the highest step: the final epoch's.
-        measured={k: float(metrics[k]) for k in MEASURED if k in metrics},
+        measured={k: float(metrics[k]) for k in MEASURED + MIXING if k in metrics},
     )
 
 
@@ -336,7 +340,7 @@ def _regions(params: Mapping[str, str]) -> tuple[str, float]:
 def _seed_means(runs: Sequence[FinalRun]) -> dict[str, float]:
     """MEASURED key -> mean over the runs that logged it."""
     return {k: statistics.fmean(r.measured[k] for r in runs if k in r.measured)
-            for k in MEASURED if any(k in r.measured for r in runs)}
+            for k in MEASURED + MIXING if any(k in r.measured for r in runs)}
 
 
 def _sweep_row(runs: list[FinalRun], info: SweepInfo | None, tables: Path | None) -> SweepRow:
@@ -509,6 +513,16 @@ def _mean_std(row: SweepRow) -> str:
     return f"{row.test_mean:.2f} ± {_pct(row.test_std)}"
 
 
+def _mixing_cell(row: SweepRow) -> str:
+    """'epoch % / batch %' of synthetic samples in a region with a real one; a regularised row whose regularisers
+    saw none is marked, since it is cross-entropy only whatever its λs."""
+    epoch, batch = (row.measured.get(k) for k in MIXING)
+    if batch is None:
+        return DASH
+    mark = " ⚠ regularisers saw no synthetic sample" if batch == 0 and row.baseline in REGULARISED else ""
+    return f"{100 * epoch:.0f} / {100 * batch:.0f}{mark}"
+
+
 def _command_cell(row: SweepRow) -> str:
     # A '|' inside a cell would end it, even in backticks: markdown tables need it escaped.
     return f"`{row.command}`".replace("|", "\\|") if row.command else DASH
@@ -533,14 +547,14 @@ def _main_table(report: DatasetReport) -> list[str]:
     """One line per sweep: label, space, seeds, mean ± std, per seed, validation, paper, Δ, command."""
     if not report.rows:
         return ["No finished final runs yet."]
-    lines = ["| run | space | seeds | test acc. (%) | per seed (%) | val acc. (%) | paper (%) | Δ (pp) | "
-             "published row | command |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | space | seeds | test acc. (%) | per seed (%) | val acc. (%) | mixing (% epoch / batch) | "
+             "paper (%) | Δ (pp) | published row | command |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report.rows:
         per_seed = ", ".join(f"{t:.2f} (seed {s})" for s, t in zip(row.seeds, row.tests, strict=True))
         paper = row.paper.accuracy if row.paper else None
         delta = DASH if paper is None else f"{row.test_mean - paper:+.2f}"
         lines.append(f"| {row.label} | {row.space or DASH} | {len(row.tests)} | {_mean_std(row)} | {per_seed} | "
-                     f"{_pct(row.val_mean)} | {DASH if paper is None else f'{paper:g}'} | "
+                     f"{_pct(row.val_mean)} | {_mixing_cell(row)} | {DASH if paper is None else f'{paper:g}'} | "
                      f"{delta} | {_published(row)} | {_command_cell(row)} |")
     return lines
 
@@ -562,7 +576,8 @@ def _loss_table(ab: Ablations) -> list[str]:
     """Table 2 style, with real only first: terms used, accuracy, measured regularisers, paper, command."""
     lines = [f"### Loss ablation (Table 2 style): {_setting_text(ab.setting, '')}", "",
              "| row | CE on synthetic | discrepancy | robustness | seeds | test acc. (%) | measured discrepancy | "
-             "measured robustness | paper (%) | command |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "measured robustness | mixing (% epoch / batch) | paper (%) | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for baseline, label, synthetic, disc, rob in LOSS_ROWS:
         row = ab.loss.get(baseline)
         if row is None:
@@ -570,7 +585,8 @@ def _loss_table(ab: Ablations) -> list[str]:
         paper = next((c for c in row.reference if c.table == "2"), row.paper)
         lines.append(f"| {label} | {_yes(synthetic)} | {_yes(disc)} | {_yes(rob)} | {len(row.tests)} | "
                      f"{_mean_std(row)} | {_num(row.measured.get(MEASURED[0]))} | "
-                     f"{_num(row.measured.get(MEASURED[1]))} | {f'{paper.accuracy:g}' if paper else DASH} | "
+                     f"{_num(row.measured.get(MEASURED[1]))} | {_mixing_cell(row)} | "
+                     f"{f'{paper.accuracy:g}' if paper else DASH} | "
                      f"{_command_cell(row)} |")
     verdict = loss_verdict(ab.loss)
     return lines + (["", verdict] if verdict else [])
@@ -587,9 +603,10 @@ def regions_label(regions: tuple[str, float]) -> str:
 def _axis_table(title: str, what: str, fixed: str, entries: Sequence[tuple[str, SweepRow]]) -> list[str]:
     """An ablation along one axis: a line per value (`what`), with its run, seeds, accuracy and command."""
     lines = [f"### {title}: {fixed}", "", f"| {what} | run | seeds | test acc. (%) | measured discrepancy | "
-             "measured robustness | command |", "|---|---|---|---|---|---|---|"]
+             "measured robustness | mixing (% epoch / batch) | command |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {value} | {row.label} | {len(row.tests)} | {_mean_std(row)} | "
-              f"{_num(row.measured.get(MEASURED[0]))} | {_num(row.measured.get(MEASURED[1]))} | {_command_cell(row)} |"
+              f"{_num(row.measured.get(MEASURED[0]))} | {_num(row.measured.get(MEASURED[1]))} | {_mixing_cell(row)} | "
+              f"{_command_cell(row)} |"
               for value, row in entries]
     return lines
 
@@ -660,6 +677,7 @@ def render_csv(report: DatasetReport) -> str:
             "val_mean": "" if row.val_mean is None else f"{row.val_mean:.4f}",
             **{f"measured_{k.split('/')[1]}": f"{row.measured[k]:.6g}" if k in row.measured else ""
                for k in MEASURED},
+            **{f"mixing_{k.split('/')[1]}": f"{row.measured[k]:.4g}" if k in row.measured else "" for k in MIXING},
             "paper": "" if paper is None else f"{paper.accuracy:g}", "paper_row": "" if paper is None else paper.label,
             "paper_other": ";".join(f"{c.label}={c.accuracy:g}" for c in row.reference[1:]),
             "command": row.command, "parent_run": row.parent_run_id,

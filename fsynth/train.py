@@ -54,8 +54,18 @@ def print_epoch(metrics: dict, checkpoint: str | None) -> None:
         return
     extra = "".join(f"  {k.split('/')[1]} {metrics[k]:.4f}" for k in ("measured/discrepancy", "measured/robustness")
                     if k in metrics)
+    extra += mixing_text(metrics)
     print(f"epoch {metrics['epoch']:3d}  loss {metrics['train/loss']:.4f}  train acc "
           f"{metrics['train/accuracy']:.3f}  val acc {metrics['val/accuracy']:.4f}{extra}", flush=True)
+
+
+def mixing_text(metrics: dict) -> str:
+    """The epoch line's mixing figures: synthetic samples in a region with a real one, over the epoch and in the
+    batch (what the regularisers saw), and the regions holding both kinds."""
+    if "mixing/batch_synthetic_in_t" not in metrics:
+        return ""
+    return (f"  mixing {100 * metrics['mixing/synthetic_in_mixed']:.0f}% (batch "
+            f"{100 * metrics['mixing/batch_synthetic_in_t']:.0f}%, {metrics['mixing/regions_mixed']:.0f} regions)")
 
 
 def run_train(args: argparse.Namespace) -> FitResult:

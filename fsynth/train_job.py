@@ -73,6 +73,13 @@ def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _broadcast(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's tensor on every rank (same shape and dtype on each): the prediction-space centroids."""
+    out = tensor.contiguous().clone()
+    torch.distributed.broadcast(out, src=0)
+    return out
+
+
 def _resume_dir(checkpoint, local: Path) -> str | None:
     """A local copy of Ray's checkpoint, as a directory `fit` resumes from (None: nothing to resume)."""
     if checkpoint is None:
@@ -124,7 +131,8 @@ def train_loop_per_worker(config: dict) -> None:
         resume = _resume_dir(ray.train.get_checkpoint(), local)
         hooks = LoopHooks(prepare_model=ray.train.torch.prepare_model if world > 1 else (lambda m: m),
                           prepare_loader=_distributed_loader if world > 1 else (lambda loader: loader),
-                          is_chief=chief, all_gather=_all_gather if world > 1 else (lambda t: t))
+                          is_chief=chief, all_gather=_all_gather if world > 1 else (lambda t: t),
+                          broadcast=_broadcast if world > 1 else (lambda t: t))
         fit(cfg, data, model, _Reporter(chief, resume), workdir=local / "work", regions=regions,
             resume_from=resume, device=device, hooks=hooks)
     finally:  # Ray has already persisted every reported checkpoint

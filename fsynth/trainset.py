@@ -115,6 +115,35 @@ def training_items(
     return items, flags
 
 
+def method_epoch_length(cfg: ExperimentConfig, data: TrainData) -> int:
+    """Items in one epoch of the method on this data: the shots oversampled against the synthetic set, plus it.
+
+    The synthetic set's size is the loaded one, or generator.images_per_class x classes for a baseline that
+    loads none (real-only), so every baseline can be given the method's number of optimiser steps.
+    """
+    n_real = len(data.real)
+    n_synth = len(data.synthetic) or cfg.generator.images_per_class * data.num_classes
+    return n_real * real_repeats(n_real, n_synth, cfg.training.real_per_synthetic) + n_synth
+
+
+def epoch_items(cfg: ExperimentConfig, data: TrainData) -> tuple[list[Sample], np.ndarray]:
+    """The items of one epoch and their domain flags [N] bool, as `cfg.training` says.
+
+    With training.match_steps, a baseline whose own epoch is shorter than the method's (real-only,
+    synthetic-only) cycles through its images up to the method's length: the same batches per epoch, so the
+    same number of optimiser steps, and a comparison of data rather than of step counts.
+    """
+    t = cfg.training
+    real = data.real if t.use_real else []
+    synthetic = data.synthetic if t.use_synthetic else []
+    items, flags = training_items(real, synthetic, real_repeats(len(real), len(synthetic), t.real_per_synthetic))
+    target = method_epoch_length(cfg, data) if t.match_steps and items else 0
+    if target > len(items):
+        order = np.arange(target) % len(items)
+        items, flags = [items[i] for i in order], flags[order]
+    return items, flags
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, workers: int,
                 drop_last: bool = False) -> DataLoader:
     """A loader whose order (and workers' seeds) depend only on `seed`, so an epoch replays exactly on resume."""

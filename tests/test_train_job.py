@@ -142,3 +142,24 @@ def test_a_worker_raising_mid_epoch_is_retried_from_its_last_checkpoint(tmp_path
     assert losses["broken"] == pytest.approx(losses["clean"], abs=1e-6)  # resumed epochs replay exactly
     for key in ("val/accuracy", "test/accuracy"):
         assert broken.metrics[key] == pytest.approx(clean.metrics[key], abs=1e-6), key
+
+
+def test_two_ddp_ranks_see_the_same_outputs_regions_and_assignment_rule(tmp_path):
+    """2 CPU workers (gloo DDP, Ray Train's all_gather / broadcast hooks): rank 0's centroids reach every rank,
+    at the start and at every refit, and each rank assigns its batches to the nearest of them."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_loop import toy_data
+
+    (tmp_path / "data").mkdir()
+    toy_data(tmp_path / "data")
+    env = {**os.environ, "FSYNTH_DDP_PORT": str(29500 + os.getpid() % 400), "PYTHONPATH": str(Path.cwd())}
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.ddp_worker", str(rank), "2", str(tmp_path / "data"),
+                               str(tmp_path)], env=env, cwd=Path(__file__).parent.parent) for rank in (0, 1)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]["centroids"]) == 3  # the start, then a refit after each of the 2 epochs
+    assert ranks[0]["centroids"] == ranks[1]["centroids"]
+    assert all(ranks[0]["rule_held"]) and all(ranks[1]["rule_held"]) and ranks[0]["rule_held"]

@@ -58,3 +58,25 @@ def test_more_regions_than_images_is_refused_where_a_loss_term_reads_them():
     real_only = build_config(overrides=["partition.cluster_multiple=4", "training.use_synthetic=false"])
     with pytest.raises(ConfigError, match="for only 6 training images"):  # the unused synthetic set does not count
         check_regions(real_only, 3, 6, 100)
+
+
+def test_every_baseline_gets_the_methods_number_of_steps():
+    """training.match_steps (default): real-only and synthetic-only cycle their images up to the method's epoch."""
+    from fsynth.baselines import apply_baseline
+    from fsynth.trainset import TrainData, epoch_items
+
+    real = [Sample(f"r{i}", i % 2, "x") for i in range(4)]
+    synth = [Sample(f"s{i}", i % 2, "y") for i in range(8)]
+    data = TrainData("folder", ("a", "b"), ("{}",), real, synth, [], [])
+    no_synthetic = TrainData("folder", ("a", "b"), ("{}",), real, [], [], [])  # real-only loads no synthetic set
+    base = build_config(overrides=["generator.images_per_class=4"])
+    method, _ = epoch_items(base, data)
+    assert len(method) == 4 * 2 + 8  # shots repeated twice against 8 synthetic images
+    real_only, flags = epoch_items(apply_baseline(base, "real-only"), no_synthetic)
+    assert len(real_only) == len(method) and not flags.any()  # the size comes from images_per_class x classes
+    assert sorted(s.id for s in real_only) == sorted([s.id for s in real] * 4)  # its own images, each 4 times
+    synth_only, flags = epoch_items(apply_baseline(base, "synthetic-only"), data)
+    assert len(synth_only) == len(method) and flags.all()
+    natural = build_config(overrides=["generator.images_per_class=4", "training.match_steps=false"])
+    assert len(epoch_items(apply_baseline(natural, "real-only"), no_synthetic)[0]) == 4
+    assert len(epoch_items(natural, data)[0]) == len(method)
