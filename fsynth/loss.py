@@ -1,4 +1,5 @@
-"""The regularised loss of eq. 7 (cross-entropy + discrepancy + robustness) in its `paper` and `protoaug` presets."""
+"""The regularised loss of eq. 7 (cross-entropy + discrepancy + robustness) in its `paper`, `protoaug` and
+`protoaug-lightweight` presets (DESIGN.md 1.3; README's loss section)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,25 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-PRESETS = ("paper", "protoaug")
+
+@dataclass(frozen=True)
+class _Options:
+    """The orthogonal options a preset fixes (DESIGN.md 1.3's table)."""
+
+    probabilities: bool  # outputs p: softmax probabilities (True) or raw logits
+    squared: bool  # dist: L2 norm (False) or squared L2 divided by C (True)
+    g: str  # "in_t": synthetic samples of the batch in T; "batch": all of the batch's; "dataset": per class x C
+    diagonal: bool  # robustness pairs: ordered with the diagonal (True) or unordered u < v (False)
+
+
+# paper: eq. 7 as written. protoaug: the official full code. protoaug-lightweight: the official lightweight code
+# (F.mse_loss on logits; g = len(label_gen), the batch's synthetic count; a double loop over G_k x G_k).
+_PRESETS: dict[str, _Options] = {
+    "paper": _Options(probabilities=True, squared=False, g="in_t", diagonal=True),
+    "protoaug": _Options(probabilities=False, squared=True, g="dataset", diagonal=False),
+    "protoaug-lightweight": _Options(probabilities=False, squared=True, g="batch", diagonal=True),
+}
+PRESETS = tuple(_PRESETS)
 
 
 @dataclass(frozen=True)
@@ -37,7 +56,8 @@ def regularized_loss(
 
     logits [B, C]; labels [B] int64 class indices or [B, C] float soft targets (CutMix/MixUp); is_synthetic [B]
     bool; regions [B] int64 region ids (any integer ids, gaps allowed). T is the set of regions with a real
-    sample; `synthetic_per_class` is required by `protoaug`, whose g is synthetic_per_class * num_classes.
+    sample; `synthetic_per_class` is required by `protoaug`, whose g is synthetic_per_class * num_classes (the other
+    presets count g in the batch and ignore it).
     """
     _check(logits, labels, is_synthetic, regions, preset, synthetic_per_class)
     with torch.autocast(logits.device.type, enabled=False):
@@ -62,8 +82,9 @@ def synthetic_only_loss(
     """The loss for synthetic data only (fsynth's reading of the paper's Appendix F).
 
     Every sample is synthetic, so there is no real sample: the discrepancy (and ce_real) is 0, and T becomes every
-    region that holds a synthetic sample, so g is the batch size (`paper`) or synthetic_per_class * num_classes
-    (`protoaug`). total = ce_synth_weight * ce_synth + lambda_robustness * robustness; parts has all four keys.
+    region that holds a synthetic sample, so g is the batch size (`paper`, `protoaug-lightweight`) or
+    synthetic_per_class * num_classes (`protoaug`). total = ce_synth_weight * ce_synth + lambda_robustness *
+    robustness; parts has all four keys.
     Shapes as in `regularized_loss`: logits [B, C], labels [B] int64 or [B, C] float, regions [B] int64.
     """
     synthetic = torch.ones(regions.shape, dtype=torch.bool, device=regions.device)
@@ -79,7 +100,7 @@ def synthetic_only_loss(
 def _check(logits, labels, is_synthetic, regions, preset, synthetic_per_class) -> None:
     if preset not in PRESETS:
         raise ValueError(f"unknown loss preset {preset!r}; expected one of {PRESETS}")
-    if preset == "protoaug" and (synthetic_per_class is None or synthetic_per_class <= 0):
+    if _PRESETS[preset].g == "dataset" and (synthetic_per_class is None or synthetic_per_class <= 0):
         raise ValueError(f"preset 'protoaug' needs synthetic_per_class > 0, got {synthetic_per_class!r}")
     b = logits.shape[0]
     if logits.dim() != 2 or labels.shape not in ((b,), logits.shape) or is_synthetic.shape != (b,):
@@ -103,14 +124,15 @@ def _cross_entropies(x: torch.Tensor, labels: torch.Tensor, synthetic: torch.Ten
     return means[0], means[1]
 
 
-def _pairwise_dist(x: torch.Tensor, preset: str, num_classes: int) -> torch.Tensor:
+def _pairwise_dist(x: torch.Tensor, opts: _Options, num_classes: int) -> torch.Tensor:
     """dist(p_a, p_b) for every pair of rows of x [B, C] -> [B, B]."""
-    p = x.softmax(dim=-1) if preset == "paper" else x
+    p = x.softmax(dim=-1) if opts.probabilities else x
     # Exact differences, never the |a|^2 + |b|^2 - 2ab shortcut (cdist's mm path): that one leaves a coincident pair
     # at ~1e-8 instead of 0, with a huge sqrt gradient. In this mode cdist's backward (CPU and CUDA kernels) returns
     # 0, not 0/0, at zero distance, and it never builds the [B, B, C] differences (~5x faster than those on CPU).
     dist = torch.cdist(p, p, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
-    return dist.square() / num_classes if preset == "protoaug" else dist
+    # Squaring keeps that: d(dist²) = 2·dist·d(dist) is 0 at dist = 0.
+    return dist.square() / num_classes if opts.squared else dist
 
 
 def _regularisers(x, synthetic, anchor, regions, num_classes, preset, synthetic_per_class):
@@ -119,20 +141,27 @@ def _regularisers(x, synthetic, anchor, regions, num_classes, preset, synthetic_
     T is the set of regions with an `anchor` sample (real ones; synthetic ones for `synthetic_only_loss`). Sums
     over regions become sums over same-region pairs weighted per sample, so there is no loop over regions.
     """
-    dist = _pairwise_dist(x, preset, num_classes)
+    opts = _PRESETS[preset]
+    dist = _pairwise_dist(x, opts, num_classes)
     # same = M Mᵀ for the one-hot region mask M [B, K]; compared directly, so K is never needed (no host sync).
     same = (regions[:, None] == regions[None, :]).to(dist.dtype)
     real, synth = (~synthetic).to(dist.dtype), synthetic.to(dist.dtype)
     # Per-sample counts of its region (|R_k|, |G_k|, anchors) stand in for a loop over the regions.
     n_real, n_synth, n_anchor = same @ real, same @ synth, same @ anchor.to(dist.dtype)
     synth_in_t = synth * (n_anchor > 0).to(dist.dtype)
-    if preset == "paper":
-        g = synth_in_t.sum().clamp_min(1)  # g = 0 leaves no pair below, so both terms come out 0
-    else:
-        g = torch.tensor(float(synthetic_per_class * num_classes), dtype=dist.dtype, device=dist.device)
+    g = _g(opts, synth, synth_in_t, synthetic_per_class, num_classes)
     # (|G_k|/g) * mean over R_k x G_k = (1/g) * sum over R_k x G_k / |R_k|.
     w_disc = (real / n_real.clamp_min(1))[:, None] * synth[None, :] * same
     w_rob = (synth_in_t / n_synth.clamp_min(1))[:, None] * synth[None, :] * same
-    if preset == "protoaug":
+    if not opts.diagonal:
         w_rob = w_rob.triu(diagonal=1)
     return (w_disc * dist).sum() / g, (w_rob * dist).sum() / g
+
+
+def _g(opts: _Options, synth: torch.Tensor, synth_in_t: torch.Tensor, synthetic_per_class, num_classes: int):
+    """The normaliser g (scalar tensor) from the synthetic masks synth, synth_in_t [B] (float 0/1)."""
+    if opts.g == "dataset":
+        return torch.tensor(float(synthetic_per_class * num_classes), dtype=synth.dtype, device=synth.device)
+    # The lightweight code's g = len(label_gen) counts synthetic samples outside T as well, which only scales both
+    # terms down; g = 0 leaves no pair in either sum, so the clamp makes both terms 0 rather than 0/0.
+    return (synth if opts.g == "batch" else synth_in_t).sum().clamp_min(1)

@@ -15,6 +15,7 @@ from fsynth.config import ExperimentConfig
 from fsynth.data.fewshot import build_fewshot, write_manifest
 from fsynth.data.records import Sample, load_image
 from fsynth.data.registry import load_dataset
+from fsynth.errors import ConfigError
 from fsynth.models import build_classifier, preprocess_spec
 from fsynth.partition import build_static_regions, embedding_features, ensure_regions, num_regions, pixel_features
 from fsynth.trainset import TrainData
@@ -49,20 +50,33 @@ class LazyImages(Sequence):
 
 
 def build_model(cfg: ExperimentConfig, data: TrainData, device: torch.device | None = None) -> torch.nn.Module:
-    """The classifier of `cfg.model` for `data`'s classes; a prototype head is built from the real shots."""
+    """The classifier of `cfg.model` for `data`'s classes; a prototype head is built from the real shots, or from
+    the synthetic images when the run uses no real image (training.use_real=false, the synthetic-only baseline)."""
     torch.manual_seed(cfg.training.seed)  # LoRA's A matrices (and random test backbones) draw from the global RNG
     batches = None
     if cfg.model.head == "prototype":
         size, mean, std = preprocess_spec(cfg.model)
         transform = build_eval_transform(size, mean, std)
-        shots = data.real
-        batches = [
+        shots = data.real if cfg.training.use_real else _synthetic_head_samples(data)
+        # A generator, read once by the head: tens of thousands of synthetic images are never all decoded at once.
+        batches = (
             (torch.stack([transform(load_image(s)) for s in shots[i:i + 64]]),
              torch.tensor([s.label for s in shots[i:i + 64]]))
             for i in range(0, len(shots), 64)
-        ]
+        )
     model = build_classifier(cfg.model, data.classnames, data.templates, prototype_batches=batches)
     return model.to(device) if device is not None else model
+
+
+def _synthetic_head_samples(data: TrainData) -> list[Sample]:
+    """The synthetic images a real-free prototype head is built from; every class needs at least one."""
+    have = {s.label for s in data.synthetic}
+    missing = [name for c, name in enumerate(data.classnames) if c not in have]
+    if missing:
+        raise ConfigError(f"training.use_real=false builds the prototype head from synthetic images, but class "
+                          f"'{missing[0]}' has none; generate synthetic images for every class or set "
+                          "model.head=zeroshot")
+    return data.synthetic
 
 
 def _ids_digest(samples: list[Sample]) -> str:

@@ -28,6 +28,11 @@ def test_presets_exist_and_differ():
     assert not light.generator.finetune.enabled and light.generator.images_per_class == 64
     assert light.generator.negative_prompt == "distorted, unrealistic, blurry, out of frame"
     assert light.partition.mode == "online" and light.training.epochs == 150
+    # Each preset's loss units are those of the reference it follows (its header); full's λ is the Aircraft recipe's.
+    assert (full.loss.preset, full.loss.lambda_discrepancy, full.loss.lambda_robustness) == ("protoaug", 20, 200)
+    assert (light.loss.preset, light.loss.lambda_discrepancy, light.loss.lambda_robustness) == (
+        "protoaug-lightweight", 0.1, 1)
+    assert embedded.loss.preset == "paper"
     assert embedded.data.dataset == "fashion-mnist" and embedded.generator.backend == "ddpm"
     assert embedded.model.head == "prototype" and embedded.model.arch == "efficientnet-lite0"
 
@@ -65,7 +70,8 @@ def test_frozen():
         ("training.lr=abc", "config key 'training.lr' must be float, got 'abc'"),
         ("training.epochs=1.5", "config key 'training.epochs' must be int, got 1.5"),
         ("training.epochs=true", "config key 'training.epochs' must be int, got True"),
-        ("loss.preset=foo", "config key 'loss.preset' must be one of 'paper', 'protoaug', got 'foo'"),
+        ("loss.preset=foo", "config key 'loss.preset' must be one of 'paper', 'protoaug', 'protoaug-lightweight', "
+                            "got 'foo'"),
         ("model.lora.targets=mlp", "config key 'model.lora.targets' must be a list of str, got 'mlp'"),
         ("training=3", "config section 'training' must be a mapping, got 3"),
         ("data.shots=0", "data.shots must be at least 1, got 0"),

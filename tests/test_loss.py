@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from fsynth.loss import regularized_loss, synthetic_only_loss
 
-PRESETS = ("paper", "protoaug")
+PRESETS = ("paper", "protoaug", "protoaug-lightweight")
 PARTS = ("ce_real", "ce_synth", "discrepancy", "robustness")
 WEIGHTS = dict(ce_real_weight=4.0, ce_synth_weight=0.7, lambda_discrepancy=2.0, lambda_robustness=20.0)
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def naive_dist(a, b, preset, num_classes):
     sq = ((a - b) ** 2).sum()
-    if preset == "protoaug":
+    if preset != "paper":
         return sq / num_classes
     # A coincident pair is 0 by definition; skipping the sqrt keeps the reference's own gradient defined.
     return torch.sqrt(sq) if sq > 0 else sq * 0
@@ -48,6 +48,8 @@ def naive_terms(logits, is_synthetic, regions, num_classes, preset, synthetic_pe
     T = [k for k in sorted(set(regs)) if len(anchors.get(k, [])) >= 1]
     if preset == "paper":
         g = sum(len(G.get(k, [])) for k in T)
+    elif preset == "protoaug-lightweight":
+        g = sum(syn)  # every synthetic sample of the batch, in T or not
     else:
         g = synthetic_per_class * num_classes
     zero = logits.new_zeros(())
@@ -61,7 +63,7 @@ def naive_terms(logits, is_synthetic, regions, num_classes, preset, synthetic_pe
         if Rk:
             pair_sum = sum(naive_dist(p[s], p[u], preset, num_classes) for s in Rk for u in Gk)
             D = D + (len(Gk) / g) * pair_sum / (len(Rk) * len(Gk))
-        if preset == "paper":
+        if preset != "protoaug":
             pairs = [(u, v) for u in Gk for v in Gk]
         else:
             pairs = [(u, v) for u in Gk for v in Gk if u < v]
@@ -272,6 +274,13 @@ def test_protoaug_needs_synthetic_per_class(bad):
         )
 
 
+def test_lightweight_needs_no_synthetic_per_class():
+    logits, labels, is_synthetic, regions, C = random_batch(5)
+    out = regularized_loss(logits, labels, is_synthetic, regions, num_classes=C, preset="protoaug-lightweight",
+                           **WEIGHTS)
+    assert torch.isfinite(out.total)
+
+
 def test_unknown_preset_raises():
     logits, labels, is_synthetic, regions, C = random_batch(5)
     with pytest.raises(ValueError, match="preset"):
@@ -313,6 +322,101 @@ def test_autocast_computes_in_float32():
     (grad,) = torch.autograd.grad(out.total, w)
     assert torch.isfinite(grad).all()
     assert torch.allclose(out.total, ref.total, rtol=2e-2)
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# protoaug-lightweight: the official lightweight code's reductions.
+
+LIGHT = dict(num_classes=2, preset="protoaug-lightweight", **WEIGHTS)
+
+
+def protoaug_kwargs(C, synthetic_per_class):
+    return {**kwargs("protoaug", C), "synthetic_per_class": synthetic_per_class}
+
+
+def hand_batch():
+    """2 classes; regions 0 and 1 hold a real sample (T = {0, 1}), region 2 only a synthetic one."""
+    logits = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [1.0, 1.0], [1.0, 3.0], [5.0, 5.0]], dtype=torch.float64)
+    is_synthetic = torch.tensor([0, 1, 1, 0, 1, 1], dtype=torch.bool)
+    regions = torch.tensor([0, 0, 0, 1, 1, 2])
+    return logits, torch.tensor([0, 0, 1, 1, 0, 1]), is_synthetic, regions
+
+
+def official_lightweight_loops(logits, is_synthetic, regions):
+    """The official lightweight code's double loops: g = len(label_gen), F.mse_loss on logits, every (u, v)."""
+    real = [i for i in range(len(regions)) if not is_synthetic[i]]
+    gen = [i for i in range(len(regions)) if is_synthetic[i]]
+    g = len(gen)
+    disc, rob = 0.0, 0.0
+    for k in sorted(set(regions[real].tolist())):
+        rk = [i for i in real if regions[i] == k]
+        gk = [j for j in gen if regions[j] == k]
+        for i in rk:
+            for j in gk:
+                disc += float(F.mse_loss(logits[i], logits[j])) / (g * len(rk))
+        for i in gk:
+            for j in gk:
+                rob += float(F.mse_loss(logits[i], logits[j])) / (g * len(gk))
+    return disc, rob
+
+
+def test_lightweight_hand_computed_example():
+    logits, labels, is_synthetic, regions = hand_batch()
+    out = regularized_loss(logits, labels, is_synthetic, regions, **LIGHT)
+    # g = 4 synthetic rows (region 2's included). dist = |a - b|^2 / 2: region 0 has d(real, s) = 2 for both of its
+    # synthetic rows and d(s1, s2) = 4; region 1 has d(real, s) = 2 and one synthetic row.
+    # D = (2 + 2) / (4 * 1) + 2 / (4 * 1) = 1.5; Rb = (4 + 4) / (4 * 2) + 0 / (4 * 1) = 1.0 (diagonal terms are 0).
+    assert out.parts["discrepancy"].item() == pytest.approx(1.5, abs=1e-12)
+    assert out.parts["robustness"].item() == pytest.approx(1.0, abs=1e-12)
+    disc, rob = official_lightweight_loops(logits, is_synthetic, regions)
+    assert (disc, rob) == (pytest.approx(1.5, abs=1e-12), pytest.approx(1.0, abs=1e-12))
+
+
+def test_lightweight_g_is_the_batch_synthetic_count():
+    logits, labels, is_synthetic, regions = hand_batch()
+    out = regularized_loss(logits, labels, is_synthetic, regions, **LIGHT)
+    # synthetic_per_class is not used: any value (or none) gives the same loss.
+    again = regularized_loss(logits, labels, is_synthetic, regions, **LIGHT, synthetic_per_class=500)
+    assert torch.equal(out.total, again.total)
+    # Three more synthetic rows in a region without a real sample add no pair, only raise g from 4 to 7.
+    more = (torch.cat([logits, torch.randn(3, 2, dtype=logits.dtype)]), torch.cat([labels, torch.tensor([0, 1, 0])]),
+            torch.cat([is_synthetic, torch.ones(3, dtype=torch.bool)]), torch.cat([regions, torch.tensor([2, 5, 5])]))
+    bigger = regularized_loss(*more, **LIGHT)
+    for name in ("discrepancy", "robustness"):
+        assert torch.allclose(bigger.parts[name] * 7, out.parts[name] * 4, rtol=1e-12), name
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_lightweight_against_protoaug_on_the_same_batch(seed):
+    """With g_p = synthetic_per_class * C and g_b the batch's synthetic count: D_light = D_proto * g_p / g_b and,
+    the diagonal being 0 and dist symmetric, Rb_light = (1/g_b) sum_k sum_{u, v} / |G_k| = 2 Rb_proto * g_p / g_b."""
+    logits, labels, is_synthetic, regions, C = random_batch(seed)
+    light = regularized_loss(logits, labels, is_synthetic, regions, **kwargs("protoaug-lightweight", C))
+    proto = regularized_loss(logits, labels, is_synthetic, regions, **protoaug_kwargs(C, 5))
+    g_p, g_b = 5 * C, max(1, int(is_synthetic.sum()))
+    assert torch.allclose(light.parts["discrepancy"], proto.parts["discrepancy"] * g_p / g_b, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(light.parts["robustness"], 2 * proto.parts["robustness"] * g_p / g_b, rtol=1e-10, atol=1e-12)
+    for name in ("ce_real", "ce_synth"):
+        assert torch.equal(light.parts[name], proto.parts[name])
+
+
+def test_lightweight_at_batch_128_is_about_640_over_synthetic_count_times_protoaug():
+    """64 images/class x 10 classes (g_p = 640) at batch 128, half synthetic (about one real per synthetic image)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(128, 10, generator=gen, dtype=torch.float64) * 3
+    is_synthetic = torch.arange(128) % 2 == 1
+    regions = torch.randint(0, 20, (128,), generator=gen)
+    labels = torch.randint(0, 10, (128,), generator=gen)
+    light = regularized_loss(logits, labels, is_synthetic, regions, **kwargs("protoaug-lightweight", 10))
+    proto = regularized_loss(logits, labels, is_synthetic, regions, **protoaug_kwargs(10, 64))
+    n_synth = int(is_synthetic.sum())
+    disc_ratio = float(light.parts["discrepancy"] / proto.parts["discrepancy"])
+    rob_ratio = float(light.parts["robustness"] / proto.parts["robustness"])
+    print(f"n_synth {n_synth}: discrepancy x{disc_ratio:.4f}, robustness x{rob_ratio:.4f} (640 / n_synth "
+          f"= {640 / n_synth})")
+    assert disc_ratio == pytest.approx(640 / n_synth, rel=1e-10)  # 10: lambda (0.1, 1) is 10x stronger than protoaug's
+    assert rob_ratio == pytest.approx(2 * 640 / n_synth, rel=1e-10)  # and 2x more for the ordered pairs
 
 
 @pytest.mark.gpu

@@ -1,13 +1,23 @@
 """Stages before training: few-shot data reused, the model built, static regions cached and joined by id."""
 
+import dataclasses
 import random
 
 import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
 
+from fsynth.augment import build_eval_transform
+from fsynth.baselines import apply_baseline
 from fsynth.config import build_config
+from fsynth.data.records import load_image
+from fsynth.errors import ConfigError
+from fsynth.models import preprocess_spec
 from fsynth.stages import build_model, build_regions, ensure_fewshot
 from fsynth.trainset import load_train_data
 from tests.data.fake_roots import make_root
+from tests.test_loop import toy_data
 
 
 def test_fewshot_is_written_once(tmp_path):
@@ -43,3 +53,34 @@ def test_static_regions_cached_and_joined_by_id(tmp_path):
     single = build_config(overrides=[*base, "partition.mode=single"])
     assert build_regions(single, data, model, tmp_path / "cache") is None
 
+
+
+def class_means(model, cfg, samples, num_classes):
+    """[C, D] L2-normalised class means of the L2-normalised features of `samples`, computed here by hand."""
+    transform = build_eval_transform(*preprocess_spec(cfg.model))
+    model.eval()
+    with torch.no_grad():
+        feats = model.encode(torch.stack([transform(load_image(s)) for s in samples]))
+    labels = torch.tensor([s.label for s in samples])
+    return F.normalize(torch.stack([feats[labels == c].mean(dim=0) for c in range(num_classes)]), dim=-1)
+
+
+def test_synthetic_only_prototype_head_uses_no_real_image(tmp_path):
+    data = toy_data(tmp_path)
+    base = build_config(overrides=["model.arch=tiny-clip", "model.pretrained=", "model.head=prototype",
+                                   "model.image_size=32", "model.lora.rank=2", "model.lora.dropout=0.0"])
+    cfg = apply_baseline(base, "synthetic-only")
+    assert not cfg.training.use_real
+    synthetic_head = build_model(cfg, data)
+    weights = synthetic_head.class_weights()
+    assert torch.allclose(weights, class_means(synthetic_head, cfg, data.synthetic, 3), atol=1e-5)
+    real_head = build_model(base, data)  # same seed, so the same backbone: only the head's images differ
+    assert torch.allclose(real_head.class_weights(), class_means(real_head, base, data.real, 3), atol=1e-5)
+    assert not torch.allclose(weights, real_head.class_weights(), atol=1e-3)
+    # With no real image at all, the head still builds: it never reads one.
+    no_real = dataclasses.replace(data, real=[])
+    assert torch.equal(build_model(cfg, no_real).class_weights(), weights)
+    blue_missing = dataclasses.replace(data, synthetic=[s for s in data.synthetic if s.label != 2])
+    with pytest.raises(ConfigError, match=r"^training.use_real=false builds the prototype head from synthetic "
+                                          r"images, but class 'blue' has none; .*model.head=zeroshot$"):
+        build_model(cfg, blue_missing)
