@@ -87,11 +87,12 @@ def build_regions(cfg: ExperimentConfig, data: TrainData, model: torch.nn.Module
                   ) -> Lookup | None:
     """Static k-means regions of real ∪ synthetic (cached by everything that determines them), as an id lookup.
 
-    None when the run needs no static partition (a single region, online regions, or no real/synthetic pair).
+    None when the run needs no static partition (a single region, online regions, prediction-space regions,
+    which the training loop fits on the starting model and assigns per batch, or no real/synthetic pair).
     """
     p = cfg.partition
     samples = (data.real if cfg.training.use_real else []) + (data.synthetic if cfg.training.use_synthetic else [])
-    if p.mode != "static" or not samples:
+    if p.mode != "static" or p.features == "outputs" or not samples:
         return None
     k = min(num_regions(p.mode, p.cluster_multiple, data.num_classes), len(samples))
     key = {"dataset": data.dataset, "ids": _ids_digest(samples), "count": len(samples), "features": p.features,
