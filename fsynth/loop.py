@@ -324,6 +324,8 @@ def _finish(cfg, data, model, report, state, workdir, eval_tf, device, dtype, ho
     if hooks.is_chief:
         final = checkpoints.save_final(workdir / "final", model, cfg, test.confusion if test else None)
     metrics = {"best/epoch": state.best_epoch, "best/val_accuracy": val.accuracy, "epoch": state.epoch}
+    # The last epoch's mixing rides along, so a runner's result (Tune's summary) can say what the regularisers saw.
+    metrics.update({k: v for k, v in (state.history[-1] if state.history else {}).items() if k.startswith("mixing/")})
     if test is not None:
         metrics.update({"test/accuracy": test.accuracy, "test/loss": test.loss})
     report(metrics, final)

@@ -29,6 +29,7 @@ from fsynth.spaces import SearchSpace, TuneSettings
 from fsynth.train_job import build_trainer, job_name
 
 KIND_TAG, SWEEP_TAG, TRAIN_NAME_TAG = tags.KIND, tags.SWEEP, tags.TRAIN_NAME
+MIXING_KEYS = ("mixing/synthetic_in_mixed", "mixing/batch_synthetic_in_t", "mixing/regions_mixed")
 CURVE_KEYS = ("train/loss", "train/ce_real", "train/ce_synth", "train/discrepancy", "train/robustness",
               "train/accuracy", "val/accuracy", "measured/discrepancy", "measured/robustness",
               "mixing/synthetic_in_mixed", "mixing/batch_synthetic_in_t", "mixing/regions_mixed")
@@ -293,7 +294,8 @@ def final_results(grid) -> list[dict]:
             raise FsynthError(f"a final run did not finish ({r.error!s:.200}); rerun the same command to continue")
         rows.append({"seed": int(r.config["training.seed"]), "test_accuracy": float(r.metrics["test/accuracy"]),
                      "val_accuracy": float(r.metrics["best/val_accuracy"]),
-                     "best_epoch": int(r.metrics["best/epoch"])})
+                     "best_epoch": int(r.metrics["best/epoch"]),
+                     **{k: float(r.metrics[k]) for k in MIXING_KEYS if k in r.metrics}})
     return sorted(rows, key=lambda row: row["seed"])
 
 

@@ -155,6 +155,19 @@ def summarise(rows: list[dict]) -> dict:
             "seeds": len(accs)}
 
 
+def regions_line(cfg: ExperimentConfig, rows: list[dict]) -> str:
+    """The regions' feature space and what the regularisers saw in the final runs' last epoch (seed mean)."""
+    p = cfg.partition
+    where = "1 region" if p.mode == "single" else f"{p.mode} regions, {p.features} features, K = " \
+        f"{p.cluster_multiple:g} x classes"
+    mixed = [r["mixing/synthetic_in_mixed"] for r in rows if "mixing/synthetic_in_mixed" in r]
+    batch = [r["mixing/batch_synthetic_in_t"] for r in rows if "mixing/batch_synthetic_in_t" in r]
+    if not mixed:
+        return f"regions: {where}; mixing: - (the run does not train on real and synthetic images together)"
+    return (f"regions: {where}; mixing: {100 * statistics.fmean(mixed):.0f} % of synthetic samples in a region with "
+            f"a real one, {100 * statistics.fmean(batch):.0f} % with one in their batch (last epoch, seed mean)")
+
+
 def format_summary(plan: Plan, rows: list[dict], values: dict, paper, ui: str) -> str:
     """The text printed at the end (and logged as summary.md)."""
     s = summarise(rows)
@@ -167,7 +180,8 @@ def format_summary(plan: Plan, rows: list[dict], values: dict, paper, ui: str) -
     std = f" ± {100 * s['std']:.2f}" if s["seeds"] > 1 else ""
     ref = f"{paper.accuracy:.1f} % ({paper.label})" if paper is not None else \
         "– (no published number for this dataset/setting)"
-    lines += [f"test accuracy: {100 * s['mean']:.2f}{std} % over {s['seeds']} seed(s), each tested once; paper: {ref}",
+    lines += [regions_line(plan.cfg, rows),
+              f"test accuracy: {100 * s['mean']:.2f}{std} % over {s['seeds']} seed(s), each tested once; paper: {ref}",
               f"MLflow: {ui}"]
     return "\n".join(lines)
 

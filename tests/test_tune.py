@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fsynth import tune
+from fsynth.config import build_config
 from fsynth.errors import ConfigError
 from tests.data.fake_roots import make_root
 
@@ -62,6 +63,16 @@ def test_a_space_that_samples_the_generator_is_refused(tmp_path):
     path.write_text("preset: embedded\nsample:\n  generator.images_per_class: {grid: [16, 32]}\n")
     with pytest.raises(ConfigError, match="cannot be sampled: every trial shares one synthetic set"):
         resolve("--dataset", "fashion-mnist", "--space", str(path))
+
+
+def test_the_summary_names_the_regions_and_the_mixing():
+    cfg = build_config("embedded")
+    rows = [{"mixing/synthetic_in_mixed": 0.5, "mixing/batch_synthetic_in_t": 0.25},
+            {"mixing/synthetic_in_mixed": 0.7, "mixing/batch_synthetic_in_t": 0.35}]
+    assert tune.regions_line(cfg, rows) == ("regions: static regions, outputs features, K = 2 x classes; mixing: "
+                                            "60 % of synthetic samples in a region with a real one, 30 % with one "
+                                            "in their batch (last epoch, seed mean)")
+    assert "mixing: - " in tune.regions_line(cfg, [{}])
 
 
 def test_partition_variants_cover_the_grid():
@@ -159,6 +170,7 @@ def test_smoke_sweep_killed_then_continued_is_tracked_in_mlflow(tmp_path):
     assert manifest.stat().st_mtime_ns == manifest_mtime  # no cached stage was rebuilt
     assert _cached(out / "cache") == cache_before
     assert "test accuracy:" in log and "mlflow ui --backend-store-uri" in log
+    assert "regions: static regions, outputs features, K = 1 x classes; mixing: " in log  # the summary says
 
     runs = client.search_runs([client.get_experiment_by_name("fsynth").experiment_id], max_results=100)
     by_kind = {k: [r for r in runs if r.data.tags.get("fsynth.kind") == k] for k in ("sweep", "trial", "final")}
@@ -175,6 +187,9 @@ def test_smoke_sweep_killed_then_continued_is_tracked_in_mlflow(tmp_path):
     assert [r.data.tags["fsynth.seed"] for r in finals] == ["0", "1"]
     for run in finals:
         assert run.info.status == "FINISHED" and 0.0 <= run.data.metrics["test/accuracy"] <= 1.0
+        mixing = client.get_metric_history(run.info.run_id, "mixing/batch_synthetic_in_t")
+        assert [m.step for m in mixing] == [0, 1] and all(0 <= m.value <= 1 for m in mixing)  # every epoch
+        assert "mixing/synthetic_in_mixed" in run.data.metrics and "mixing/regions_mixed" in run.data.metrics
         artifacts = _artifacts(client, run.info.run_id)
         assert {"config.yaml", "curves.png", "confusion_test.png", "confusion_test.csv",
                 "model/adapters.safetensors"} <= artifacts
