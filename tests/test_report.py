@@ -47,8 +47,11 @@ ABLATION_RUNS = [
     ("shots4", "method", {"data.shots": 4}, (0.60, 0.62), "--shots 4"),
     ("real4", "real-only", {"data.shots": 4}, (0.58, 0.60), "--baseline real-only --shots 4"),
 ]
-# Final-epoch measured (discrepancy, robustness) of the finals that use synthetic images.
-MEASURED = {"ce": (0.3, 0.07), "disc": (0.12, 0.06), "rob": (0.25, 0.04), "method": (0.1, 0.05)}
+# Final-epoch measured (discrepancy, robustness) of the finals that use synthetic images, and their mixing (share
+# of synthetic samples in a region with a real one, over the epoch and in their batch); the robustness-only row's
+# regularisers saw no synthetic sample.
+MEASURED = {"ce": (0.3, 0.07, 0.9, 0.6), "disc": (0.12, 0.06, 0.9, 0.6), "rob": (0.25, 0.04, 0.0, 0.0),
+            "method": (0.1, 0.05, 0.9, 0.6)}
 
 
 def _tags(kind, dataset, sweep, baseline, space="demo", **extra):
@@ -63,7 +66,8 @@ def _final(uri, cfg, parent, run_tags, seed, test, val, status, measured):
     log_params(uri, run, with_values(cfg, {"training.seed": seed}))
     reporter = MlflowReporter(uri, run)
     first = {"measured/discrepancy": 2 * measured[0], "measured/robustness": 2 * measured[1]} if measured else {}
-    last = {"measured/discrepancy": measured[0], "measured/robustness": measured[1]} if measured else {}
+    last = {"measured/discrepancy": measured[0], "measured/robustness": measured[1],
+            "mixing/synthetic_in_mixed": measured[2], "mixing/batch_synthetic_in_t": measured[3]} if measured else {}
     reporter({"epoch": 0, "train/loss": 1.0, "val/accuracy": val - 0.05, **first})
     reporter({"epoch": 1, "test/accuracy": test, "best/val_accuracy": val, "best/epoch": 1, **last})
     if status != "RUNNING":
@@ -215,7 +219,8 @@ def test_dtd_main_table(written):
     method = next(line for line in lines if line.startswith("| method"))
     assert "static ×2 · protoaug · 16 shots · sd 500/class" in method
     assert "lr=0.0001, wd=0.0005, λ1=0.1, λ2=1" in method and "mode=" not in method
-    assert "| 3 | 75.00 ± 1.00 | 75.00 (seed 0), 76.00 (seed 1), 74.00 (seed 2) | 71.00 | 74.5 | +0.50 |" in method
+    assert "| 3 | 75.00 ± 1.00 | 75.00 (seed 0), 76.00 (seed 1), 74.00 (seed 2) | 71.00 | – | 74.5 | +0.50 |" \
+        in method  # no mixing logged: a dash
     assert method.endswith("| `python -m fsynth.tune --dataset dtd --root ~/data` |")
     ce = next(line for line in lines if line.startswith("| real-synthetic-ce"))
     assert "| 74.12 ± – |" in ce and "Table 1: DataDream (per dataset); Table 1: DataDream (per class) = 73.1" in ce
@@ -231,8 +236,8 @@ def test_dtd_loss_ablation_and_verdict(written):
     assert "16 shots, loss preset protoaug, static regions K = 2 × classes, full variant, space demo" in part
     assert [row.split(" | ")[0] for row in rows] == ["| real only", "| real + synthetic CE only",
                                                      "| + both (method)"]  # absent rows are simply absent
-    assert rows[1].startswith("| real + synthetic CE only | yes | no | no | 1 | 74.12 ± – | – | – | 74.1 | – |")
-    assert rows[2].startswith("| + both (method) | yes | yes | yes | 3 | 75.00 ± 1.00 | – | – | 74.5 | `python")
+    assert rows[1].startswith("| real + synthetic CE only | yes | no | no | 1 | 74.12 ± – | – | – | – | 74.1 | – |")
+    assert rows[2].startswith("| + both (method) | yes | yes | yes | 3 | 75.00 ± 1.00 | – | – | – | 74.5 | `python")
     # method 75.00 ± 1.00 vs CE 74.12 (one seed) and real-only 73.50 ± 0.71: the larger std is 1.00 pp
     assert ("**Verdict:** the method beats real only by more than the seed std, but does not beat real + synthetic "
             "CE only by more than the seed std (real + synthetic CE only: +0.88 pp vs a seed std of 1.00 pp; "
@@ -247,8 +252,10 @@ def test_fashion_mnist_loss_ablation(written):
     assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == [
         "real only", "real + synthetic CE only", "+ discrepancy", "+ robustness", "+ both (method)"]
     assert rows[0].startswith("| real only | no | no | no | 3 | 75.00 ± 1.00 | – | – |")
-    assert rows[1].startswith("| real + synthetic CE only | yes | no | no | 3 | 77.00 ± 1.00 | 0.3 | 0.07 |")
-    assert rows[4].startswith("| + both (method) | yes | yes | yes | 3 | 81.00 ± 1.00 | 0.1 | 0.05 | – |")
+    assert rows[1].startswith("| real + synthetic CE only | yes | no | no | 3 | 77.00 ± 1.00 | 0.3 | 0.07 | 90 / 60 |")
+    assert rows[3].startswith("| + robustness | yes | no | yes | 3 |")
+    assert "| 0 / 0 ⚠ regularisers saw no synthetic sample |" in rows[3]  # marked: it is CE only in effect
+    assert rows[4].startswith("| + both (method) | yes | yes | yes | 3 | 81.00 ± 1.00 | 0.1 | 0.05 | 90 / 60 | – |")
     assert rows[4].endswith(f"| `{TUNE} --baseline method` |")
     assert ("**Verdict:** the method beats real + synthetic CE only and real only by more than the seed std "
             "(real + synthetic CE only: +4.00 pp vs a seed std of 1.00 pp; real only: +6.00 pp") in part
@@ -262,12 +269,12 @@ def test_fashion_mnist_axis_tables(written):
     regions, part = _table(text, "Regions")
     assert [r.split(" | ")[0] for r in regions] == ["| single region", "| K = 1 × classes", "| K = 2 × classes",
                                                         "| K = 4 × classes"]
-    assert regions[0].endswith(f"| 2 | 78.00 ± 1.41 | – | – | `{TUNE} --set partition.mode=single` |")
+    assert regions[0].endswith(f"| 2 | 78.00 ± 1.41 | – | – | – | `{TUNE} --set partition.mode=single` |")
     assert regions[2].endswith(f"| `{TUNE} --baseline method` |")  # the ablation's method row, not the demo sweep
     assert "![accuracy vs regions](results/img/fashion-mnist-regions.png)" in part
     presets, _ = _table(text, "Loss preset")
     assert [p.split(" | ")[0] for p in presets] == ["| paper", "| protoaug"]
-    assert presets[1].endswith(f"| 2 | 79.50 ± 0.71 | – | – | `{TUNE} --set loss.preset=protoaug` |")
+    assert presets[1].endswith(f"| 2 | 79.50 ± 0.71 | – | – | – | `{TUNE} --set loss.preset=protoaug` |")
     shots, _ = _table(text, "Shots")
     assert [s.split(" | ")[0] for s in shots] == ["| 4 (method)", "| 4 (real-only)", "| 16 (method)",
                                                       "| 16 (real-only)"]

@@ -14,7 +14,7 @@ def test_every_space_file_loads_and_has_a_header(name):
     assert any(line.startswith("# Expect") for line in header), "the header says what to expect"
     space = load_space(path)
     assert space.tune.metric.startswith("val/"), "select on validation, never test"
-    assert space.sample or name == "ablation", "only the ablation space searches nothing (final seeds only)"
+    assert space.sample or name in ("ablation", "evidence"), "only fixed-budget spaces search nothing (final seeds)"
     space.base_config()
 
 
@@ -63,6 +63,6 @@ def test_bad_spaces_fail_before_any_trial(tmp_path, body, expected):
 
 
 def test_missing_space_lists_the_shipped_ones(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist; choose one of ablation, default, demo, fashion-mnist, "
-                                          "lightweight, smoke, stanford_cars"):
+    with pytest.raises(ConfigError, match="does not exist; choose one of ablation, default, demo, evidence, "
+                                          "fashion-mnist, lightweight, smoke, stanford_cars"):
         load_space(tmp_path / "nope.yaml")
