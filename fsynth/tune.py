@@ -180,7 +180,7 @@ def format_summary(plan: Plan, rows: list[dict], values: dict, paper, ui: str) -
     std = f" ± {100 * s['std']:.2f}" if s["seeds"] > 1 else ""
     ref = f"{paper.accuracy:.1f} % ({paper.label})" if paper is not None else \
         "– (no published number for this dataset/setting)"
-    lines += [regions_line(plan.cfg, rows),
+    lines += [regions_line(with_values(plan.cfg, values), rows),
               f"test accuracy: {100 * s['mean']:.2f}{std} % over {s['seeds']} seed(s), each tested once; paper: {ref}",
               f"MLflow: {ui}"]
     return "\n".join(lines)

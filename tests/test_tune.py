@@ -4,6 +4,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -170,7 +171,8 @@ def test_smoke_sweep_killed_then_continued_is_tracked_in_mlflow(tmp_path):
     assert manifest.stat().st_mtime_ns == manifest_mtime  # no cached stage was rebuilt
     assert _cached(out / "cache") == cache_before
     assert "test accuracy:" in log and "mlflow ui --backend-store-uri" in log
-    assert "regions: static regions, outputs features, K = 1 x classes; mixing: " in log  # the summary says
+    # the summary names the best configuration's regions and what the regularisers saw
+    assert re.search(r"regions: (static regions, outputs features, K = 1 x classes|1 region); mixing: \d+ %", log)
 
     runs = client.search_runs([client.get_experiment_by_name("fsynth").experiment_id], max_results=100)
     by_kind = {k: [r for r in runs if r.data.tags.get("fsynth.kind") == k] for k in ("sweep", "trial", "final")}
