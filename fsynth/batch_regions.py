@@ -66,10 +66,14 @@ def fit_centroids(cfg: ExperimentConfig, features: torch.Tensor, num_classes: in
     return part
 
 
+def refits(cfg: ExperimentConfig) -> bool:
+    """Whether the run refits its centroids (static prediction-space regions with partition.refit_every > 0)."""
+    return uses_outputs(cfg) and cfg.partition.mode == "static" and cfg.partition.refit_every > 0
+
+
 def refit_due(cfg: ExperimentConfig, epoch: int) -> bool:
-    """Refit after epoch `epoch` (0-based) when partition.refit_every divides epoch + 1 (prediction space only)."""
-    n = cfg.partition.refit_every
-    return uses_outputs(cfg) and cfg.partition.mode == "static" and n > 0 and (epoch + 1) % n == 0
+    """Refit after epoch `epoch` (0-based) when partition.refit_every divides epoch + 1."""
+    return refits(cfg) and (epoch + 1) % cfg.partition.refit_every == 0
 
 
 def synthetic_in_t(regions: torch.Tensor, synthetic: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import ray.tune
 
 from fsynth import sweep, tags, tracking
 from fsynth.baselines import needs_synthetic
+from fsynth.batch_regions import uses_outputs
 from fsynth.cli import require_gpus
 from fsynth.config import ExperimentConfig, config_from_dict, config_to_dict, save_config, with_values
 from fsynth.errors import ConfigError
@@ -56,8 +57,7 @@ def ensure_regions_on_cluster(cfg: ExperimentConfig, variants: list[dict], fewsh
     """Static regions for every partition of the space, one Ray task each (cached: a rerun only loads them)."""
     cfgs = [with_values(cfg, v) for v in variants]
     # prediction-space regions are fitted by each run's loop on its starting model: nothing to build here
-    cfgs = [c for c in cfgs if c.partition.mode == "static" and c.partition.features != "outputs"
-            and cfg.training.epochs > 0]
+    cfgs = [c for c in cfgs if c.partition.mode == "static" and not uses_outputs(c) and cfg.training.epochs > 0]
     r = cfg.resources
     task = _regions_task.options(num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker)
     refs = [task.remote(config_to_dict(c), str(fewshot), str(synthetic) if synthetic else None, str(cache_dir))

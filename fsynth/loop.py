@@ -24,6 +24,7 @@ from fsynth.batch_regions import (
     no_mixing_warning,
     output_features,
     refit_due,
+    refits,
     uses_outputs,
 )
 from fsynth.config import ExperimentConfig
@@ -261,7 +262,7 @@ def fit(cfg: ExperimentConfig, data: TrainData, model: nn.Module, report: Report
     run = _Run(cfg, data, model, optimizer, scheduler, scaler, dtype, device, hooks)
     if items and t.epochs > 0:
         run.partitioner = _build_partitioner(cfg, data, model, plain, device, hooks)
-        if cfg.partition.refit_every > 0 and uses_outputs(cfg):
+        if refits(cfg):  # online regions never refit: they would record outputs for nothing
             run.latest = torch.zeros(len(items), data.num_classes)
             run.representative = _representatives(items, plain_samples)
     state = TrainState()

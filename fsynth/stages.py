@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from fsynth.augment import build_eval_transform
+from fsynth.batch_regions import uses_outputs
 from fsynth.config import ExperimentConfig
 from fsynth.data.fewshot import build_fewshot, write_manifest
 from fsynth.data.records import Sample, load_image
@@ -92,7 +93,7 @@ def build_regions(cfg: ExperimentConfig, data: TrainData, model: torch.nn.Module
     """
     p = cfg.partition
     samples = (data.real if cfg.training.use_real else []) + (data.synthetic if cfg.training.use_synthetic else [])
-    if p.mode != "static" or p.features == "outputs" or not samples:
+    if p.mode != "static" or uses_outputs(cfg) or not samples:
         return None
     k = min(num_regions(p.mode, p.cluster_multiple, data.num_classes), len(samples))
     key = {"dataset": data.dataset, "ids": _ids_digest(samples), "count": len(samples), "features": p.features,

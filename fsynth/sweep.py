@@ -31,8 +31,7 @@ from fsynth.train_job import build_trainer, job_name
 KIND_TAG, SWEEP_TAG, TRAIN_NAME_TAG = tags.KIND, tags.SWEEP, tags.TRAIN_NAME
 MIXING_KEYS = ("mixing/synthetic_in_mixed", "mixing/batch_synthetic_in_t", "mixing/regions_mixed")
 CURVE_KEYS = ("train/loss", "train/ce_real", "train/ce_synth", "train/discrepancy", "train/robustness",
-              "train/accuracy", "val/accuracy", "measured/discrepancy", "measured/robustness",
-              "mixing/synthetic_in_mixed", "mixing/batch_synthetic_in_t", "mixing/regions_mixed")
+              "train/accuracy", "val/accuracy", "measured/discrepancy", "measured/robustness", *MIXING_KEYS)
 
 
 def param_space(space: SearchSpace) -> dict[str, Any]:
