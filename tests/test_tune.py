@@ -222,7 +222,13 @@ def _fixed_space_runs_only_final_seeds(data: Path, out: Path, tmp_path: Path, en
 
 
 def _cached(folder: Path) -> list[tuple[str, int]]:
-    """(name, mtime) of every cached artefact in `folder` (not the hidden `.locks/`, whose files lock, not hold)."""
+    """(name, mtime) of every cached artefact in `folder` (not the hidden `.locks/`, whose files lock, not hold).
+
+    Prediction-space regions are fitted inside the training loop, so a sweep over them may cache nothing here:
+    a missing folder is an empty cache, and the continued run must not have created one either.
+    """
+    if not folder.exists():
+        return []
     return sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir() if not p.name.startswith("."))
 
 
