@@ -21,13 +21,19 @@ import torch
 from fsynth.cache import artefact_lock
 from fsynth.config import ExperimentConfig
 from fsynth.errors import ConfigError, FsynthError
-from fsynth.generation import build_generator, ensure_generator_artefact, lora_arguments, plan_synthetic_set
+from fsynth.generation import (
+    build_generator,
+    check_init,
+    ensure_generator_artefact,
+    lora_arguments,
+    plan_synthetic_set,
+)
 from fsynth.synthetic import (
-    PROMPTS_NAME,
     finish_synthetic_set,
     generate_group,
     missing_groups,
     prepare_synthetic_set,
+    read_prompt_table,
 )
 
 Log = Callable[[str], None]
@@ -41,14 +47,15 @@ class GroupGenerator:
     """A Ray Data actor: loads the backend once, then makes whole groups of the prompt table.
 
     Input batch: a DataFrame with column `group` [B]; output: one row per image of those groups
-    (sample_id, written).
+    (sample_id, written). `fewshot_dir`: where image-to-image rows find their source shots.
     """
 
-    def __init__(self, cfg: ExperimentConfig, artefact: str | None, out_dir: str, cpus: float, gpus: float):
+    def __init__(self, cfg: ExperimentConfig, artefact: str | None, out_dir: str, cpus: float, gpus: float,
+                 fewshot_dir: str | None = None):
         torch.set_num_threads(max(1, int(cpus)))  # one actor = its CPU share; more threads only contend
         self.out_dir = out_dir
-        self.table = pd.read_parquet(Path(out_dir) / PROMPTS_NAME)
-        self.generator = build_generator(cfg.generator, artefact, _device(gpus))
+        self.table = read_prompt_table(out_dir)
+        self.generator = build_generator(cfg.generator, artefact, _device(gpus), fewshot_dir)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         done = [generate_group(self.generator, self.table[self.table["group"] == g], self.out_dir)
@@ -105,18 +112,19 @@ def _artefact_task(cfg: ExperimentConfig, fewshot_dir: str, root: str) -> tuple[
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_generator_actor)))
     device = _device(cfg.resources.gpus_per_generator_actor)
     artefact = ensure_generator_artefact(cfg, fewshot_dir, root, device, log=lambda line: print(line, flush=True))
-    return artefact, build_generator(cfg.generator, artefact, device).fingerprint
+    return artefact, build_generator(cfg.generator, artefact, device, fewshot_dir).fingerprint
 
 
 def run_groups_on_ray(cfg: ExperimentConfig, artefact: Path | None, out: Path, groups: list[int], expected: int,
-                      actors: int, log: Log) -> int:
+                      actors: int, log: Log, fewshot_dir: Path | None = None) -> int:
     """Make `groups` (`expected` images) on a pool of `actors`; return the images written, logging progress."""
     r = cfg.resources
     ds = ray.data.from_items([{"group": g} for g in groups], override_num_blocks=max(1, len(groups)))
     ds = ds.map_batches(
         GroupGenerator, batch_size=1, batch_format="pandas",
         fn_constructor_kwargs={"cfg": cfg, "artefact": str(artefact) if artefact else None, "out_dir": str(out),
-                               "cpus": r.cpus_per_generator_actor, "gpus": r.gpus_per_generator_actor},
+                               "cpus": r.cpus_per_generator_actor, "gpus": r.gpus_per_generator_actor,
+                               "fewshot_dir": str(fewshot_dir) if fewshot_dir else None},
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=r.cpus_per_generator_actor, num_gpus=r.gpus_per_generator_actor,
     )
@@ -152,6 +160,7 @@ def run_generation_job(cfg: ExperimentConfig, fewshot_dir: str | Path, root: str
     fewshot_dir, root = Path(fewshot_dir).resolve(), Path(root).resolve()
     n = actors or cfg.resources.generator_actors
     check_cluster_fits(cfg, n)
+    check_init(cfg, fewshot_dir)
     artefact, fingerprint = ensure_artefact_on_cluster(cfg, fewshot_dir, root)
     key, table = plan_synthetic_set(cfg, fewshot_dir, fingerprint)
     out = prepare_synthetic_set(root, key, table)
@@ -161,5 +170,5 @@ def run_generation_job(cfg: ExperimentConfig, fewshot_dir: str | Path, root: str
             f"on {n} actor(s)")
         if groups:
             expected = int(table["group"].isin(groups).sum())
-            run_groups_on_ray(cfg, artefact, out, groups, expected, n, log)
+            run_groups_on_ray(cfg, artefact, out, groups, expected, n, log, fewshot_dir)
         return finish_synthetic_set(out, table)

@@ -1,4 +1,5 @@
-"""How far a synthetic set is from the real shots in the frozen pretrained encoder's embedding space."""
+"""How far a synthetic set is from the real shots in the frozen pretrained encoder's embedding space, and how often
+the starting classifier (frozen encoder + its zero-shot or prototype head) labels a synthetic image as its class."""
 
 from __future__ import annotations
 
@@ -182,10 +183,33 @@ def encoder_name(cfg: ExperimentConfig) -> str:
     return f"{cfg.model.arch}/{cfg.model.pretrained}" if cfg.model.pretrained else cfg.model.arch
 
 
+def head_accuracy(embeddings: np.ndarray, labels: np.ndarray, class_weights: np.ndarray) -> float:
+    """Share of rows of embeddings [M, D] whose highest-scoring class under class_weights [C, D] (cosine up to the
+    logit scale, which cannot change the argmax) is their label [M]."""
+    hits = 0
+    for start in range(0, len(embeddings), _CHUNK):
+        scores = np.asarray(embeddings[start:start + _CHUNK], dtype=np.float64) @ class_weights.T
+        hits += int((scores.argmax(axis=1) == labels[start:start + _CHUNK]).sum())
+    return hits / max(1, len(embeddings))
+
+
+def _starting_head(model: torch.nn.Module) -> np.ndarray:
+    """The starting model's class weights [C, D], float64, read inside `adapters_disabled`.
+
+    A zero-shot head with text adapters caches its weights in eval mode: the cache, which may hold the adapted
+    weights, is cleared first (Classifier.train drops it; the mode is kept). The caller clears it again once the
+    adapters are back on.
+    """
+    model.train(model.training)
+    with torch.no_grad():
+        return model.class_weights().detach().to("cpu", torch.float64).numpy()
+
+
 def measure_synthetic_quality(cfg: ExperimentConfig, data: TrainData, model: torch.nn.Module | None = None,
                               device: torch.device | None = None, batch_size: int = 64) -> dict:
-    """`embedding_gap` of data.synthetic against data.real in the frozen encoder of cfg.model, plus `encoder`
-    (arch/pretrained) and `image_size`.
+    """`embedding_gap` of data.synthetic against data.real in the frozen encoder of cfg.model, plus
+    `starting_model_accuracy` (the share of synthetic images the starting classifier, its head on the frozen
+    encoder, labels as their own class), `head`, `encoder` (arch/pretrained) and `image_size`.
 
     `model`: a Classifier of cfg.model (built with fsynth.stages.build_model on `device` when None); it is used
     with its LoRA adapters disabled, so a trained model measures the same gap as a fresh one. Images go through
@@ -200,9 +224,12 @@ def measure_synthetic_quality(cfg: ExperimentConfig, data: TrainData, model: tor
     with adapters_disabled(model):
         real, synth = (embedding_features(model.encode, LazyImages(s), transform, batch_size)
                        for s in (data.real, data.synthetic))
+        head = _starting_head(model)
+    model.train(model.training)  # and not after: the cache would keep the frozen head for the adapted model
     labels = [np.array([s.label for s in samples], dtype=np.int64) for samples in (data.real, data.synthetic)]
     gap = embedding_gap(real, labels[0], synth, labels[1], data.num_classes)
-    return {**gap, "encoder": encoder_name(cfg), "image_size": int(model.image_size)}
+    return {**gap, "starting_model_accuracy": head_accuracy(synth, labels[1], head), "head": cfg.model.head,
+            "encoder": encoder_name(cfg), "image_size": int(model.image_size)}
 
 
 # ------------------------------------------------------------------------------------------------------ files

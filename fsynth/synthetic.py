@@ -1,13 +1,16 @@
 """The synthetic set on disk: seeds, stable ids, the prompt table, its folder's address, image files, manifest.
 
 Layout of one set, `<root>/<dataset>-<backend>-<16 hex>/` (the hex addresses everything that determines the images):
-  set.json          what the address covers (generator fingerprint, prompts' inputs, counts, group size)
+  set.json          what the address covers (generator fingerprint, prompts' inputs, counts, group size, and for
+                    image-to-image the strength and the shots' digest)
   prompts.parquet   the prompt table, written first: one row per image (SYNTHETIC_COLUMNS + `group`)
   <class>/<i>.png   the images, each tagged with its sample id
   manifest.parquet  written last, once every image is present and readable
   samples.png       a grid of the first images of every class, to look at
 A backend generates one `group` of rows per call (a fixed slice of one class), so an image is made in the same
 company whether the run is fresh, resumed or spread over several actors.
+`source_id` is the real shot an image-to-image row starts from ("" for text-to-image): image i of class c uses
+shot i mod n_c of that class's n_c shots sorted by sample id. Sets written before the column existed read as "".
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -25,10 +28,11 @@ from PIL.PngImagePlugin import PngInfo
 from fsynth.cache import atomic_write, atomic_write_json
 from fsynth.data.fewshot import folder_name, load_manifest
 from fsynth.data.records import Sample, load_image
-from fsynth.errors import DataError, FsynthError
+from fsynth.errors import ConfigError, DataError, FsynthError
 from fsynth.prompts import generation_prompt
 
-SYNTHETIC_COLUMNS = ("sample_id", "path", "index", "label", "class_name", "domain", "prompt", "seed", "generator")
+SYNTHETIC_COLUMNS = ("sample_id", "path", "index", "label", "class_name", "domain", "prompt", "seed", "generator",
+                     "source_id")
 PROMPT_COLUMNS = (*SYNTHETIC_COLUMNS, "group")
 MANIFEST_NAME = "manifest.parquet"
 PROMPTS_NAME = "prompts.parquet"
@@ -54,10 +58,13 @@ def relative_png(sid: str) -> str:
 
 
 def plan_rows(dataset: str, classnames: Sequence[str], domain: str, images_per_class: int, base_seed: int,
-              fingerprint: str, group_size: int = 8) -> pd.DataFrame:
+              fingerprint: str, group_size: int = 8, sources: Mapping[int, Sequence[str]] | None = None
+              ) -> pd.DataFrame:
     """The prompt table: one row per image, class by class, `path` still empty (PROMPT_COLUMNS).
 
     `group` numbers consecutive slices of `group_size` images of one class: the unit of one generator call.
+    `sources` ({label: shot ids in order}, see `shot_sources`): image i of a class starts from shot i mod n of its
+    class (`source_id`); None leaves `source_id` empty (text-to-image).
     """
     if images_per_class <= 0:
         raise FsynthError(f"images_per_class must be at least 1, got {images_per_class}; "
@@ -66,7 +73,8 @@ def plan_rows(dataset: str, classnames: Sequence[str], domain: str, images_per_c
         raise FsynthError(f"group size must be at least 1, got {group_size}; set generator.batch_size")
     rows = [
         (sample_id(dataset, name, i, fingerprint), "", -1, label, name, "synthetic",
-         generation_prompt(name, domain), image_seed(dataset, name, i, base_seed), fingerprint)
+         generation_prompt(name, domain), image_seed(dataset, name, i, base_seed), fingerprint,
+         sources[label][i % len(sources[label])] if sources is not None else "")
         for label, name in enumerate(classnames)
         for i in range(images_per_class)
     ]
@@ -114,10 +122,26 @@ def load_synthetic_manifest(path: str | Path) -> pd.DataFrame:
     except (OSError, ValueError) as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise DataError(f"cannot read synthetic manifest {path} ({reason}); {fix}") from None
+    frame = with_source_column(frame)
     missing = [c for c in SYNTHETIC_COLUMNS if c not in frame.columns]
     if missing:
         raise DataError(f"synthetic manifest {path} lacks columns {missing}; {fix}")
     return frame
+
+
+def with_source_column(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with `source_id` after `generator`, "" when it lacks the column (written before it existed)."""
+    if "source_id" in frame.columns:
+        return frame
+    at = list(frame.columns).index("generator") + 1 if "generator" in frame.columns else len(frame.columns)
+    out = frame.copy()
+    out.insert(at, "source_id", "")
+    return out
+
+
+def read_prompt_table(out_dir: str | Path) -> pd.DataFrame:
+    """The prompt table of a set folder (prompts.parquet), with `source_id` as `with_source_column` gives it."""
+    return with_source_column(pd.read_parquet(Path(out_dir) / PROMPTS_NAME))
 
 
 def is_valid_png(path: str | Path, sid: str | None = None) -> bool:
@@ -132,20 +156,49 @@ def is_valid_png(path: str | Path, sid: str | None = None) -> bool:
 
 
 
-def load_shots(fewshot_dir: str | Path) -> tuple[list[Image.Image], list[int], list[str], str]:
-    """The real training shots of a few-shot folder: images, labels, class names in label order, ids digest."""
+def _train_rows(fewshot_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
+    """(the shots' manifest rows sorted by sample id, class names in label order) of a few-shot folder."""
     manifest = load_manifest(Path(fewshot_dir) / "manifest.parquet")
     pairs = manifest[["label", "class_name"]].drop_duplicates().sort_values("label")
     if pairs["label"].duplicated().any() or list(pairs["label"]) != list(range(len(pairs))):
         raise DataError(f"manifest in {fewshot_dir} does not map labels 0..C-1 to one class name each; "
                         "run `python -m fsynth.data prepare` again")
-    train = manifest[manifest["split"] == "train"].sort_values("sample_id")
+    return manifest[manifest["split"] == "train"].sort_values("sample_id"), list(pairs["class_name"])
+
+
+def _ids_digest(ids: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+def load_shots(fewshot_dir: str | Path) -> tuple[list[Image.Image], list[int], list[str], str]:
+    """The real training shots of a few-shot folder: images, labels, class names in label order, ids digest."""
+    train, classnames = _train_rows(fewshot_dir)
     if train.empty:
         raise DataError(f"manifest in {fewshot_dir} has no 'train' rows (the shots); run `python -m fsynth.data "
                         "prepare`")
     images = [load_image(Sample(r.sample_id, int(r.label), r.path, int(r.index))) for r in train.itertuples()]
-    digest = hashlib.sha256("\n".join(train["sample_id"]).encode()).hexdigest()[:16]
-    return images, [int(v) for v in train["label"]], list(pairs["class_name"]), digest
+    return images, [int(v) for v in train["label"]], classnames, _ids_digest(list(train["sample_id"]))
+
+
+def shot_sources(fewshot_dir: str | Path | None) -> tuple[dict[int, list[str]], dict[str, Sample], str]:
+    """What image-to-image starts from: ({label: its shots' ids, sorted}, {id: Sample}, the ids digest).
+
+    Reads only the manifest (no image), so it can refuse a bad set before any work: a one-line ConfigError when
+    no few-shot folder is given or a class has no shot.
+    """
+    fix = "prepare the shots again (python -m fsynth.data prepare, data.shots >= 1) or set generator.init_from=noise"
+    if fewshot_dir is None:
+        raise ConfigError("generator.init_from=shots starts every image from a real shot, but no few-shot set was "
+                          "given; pass the few-shot folder, or set generator.init_from=noise")
+    train, classnames = _train_rows(fewshot_dir)
+    by_label = {c: list(train.loc[train["label"] == c, "sample_id"]) for c in range(len(classnames))}
+    empty = [classnames[c] for c, ids in by_label.items() if not ids]
+    if empty:
+        raise ConfigError(f"generator.init_from=shots starts every image from a real shot of its class, but class "
+                          f"'{empty[0]}' has none in {Path(fewshot_dir).resolve()} ({len(empty)} of "
+                          f"{len(classnames)} classes without shots); {fix}")
+    samples = {r.sample_id: Sample(r.sample_id, int(r.label), r.path, int(r.index)) for r in train.itertuples()}
+    return by_label, samples, _ids_digest(list(train["sample_id"]))
 
 
 def set_address(key: dict) -> str:
@@ -162,7 +215,7 @@ def prepare_synthetic_set(root: str | Path, key: dict, table: pd.DataFrame) -> P
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / PROMPTS_NAME
     if prompts.is_file():
-        stored = pd.read_parquet(prompts)
+        stored = read_prompt_table(out)
         if not stored[list(PROMPT_COLUMNS)].equals(table[list(PROMPT_COLUMNS)].reset_index(drop=True)):
             raise FsynthError(f"{prompts} holds another prompt table than this config makes; delete {out} "
                               "(its images were made from other prompts or seeds) and run again")
@@ -233,7 +286,7 @@ def _manifest_matches(path: Path, rows: pd.DataFrame) -> bool:
     if not path.is_file():
         return False
     try:
-        stored = pd.read_parquet(path)
+        stored = with_source_column(pd.read_parquet(path))  # a set from before `source_id` is not rewritten
     except (OSError, ValueError):  # unreadable: rewrite it
         return False
     wanted = rows[list(SYNTHETIC_COLUMNS)].reset_index(drop=True)

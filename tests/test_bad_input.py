@@ -100,6 +100,16 @@ CASES = [
          r"resources\.gpus_per_generator_actor=0", (NO_GPU,)),
     Case("generate-out-under-a-file", "fsynth.generate", f"{FOLDER} --out {{w}}/afile/synthetic --direct",
          r"--out .*/afile/synthetic cannot be a folder: .*/afile is a file"),
+    Case("generate-strength-zero", "fsynth.generate", f"{GEN} --set generator.init_from=shots "
+         "--set generator.strength=0", r"generator\.strength must lie in \(0, 1\], got 0\.0; e\.g\. 0\.5"),
+    Case("generate-strength-above-one", "fsynth.generate", f"{GEN} --set generator.strength=1.5",
+         r"generator\.strength must lie in \(0, 1\], got 1\.5; e\.g\. 0\.5"),
+    Case("generate-img2img-no-denoising-step", "fsynth.generate",
+         f"{GEN} --set generator.init_from=shots --set generator.strength=0.01",
+         r"generator\.strength=0\.01 with generator\.steps=\d+ leaves no denoising step .*; raise "
+         r"generator\.strength to at least"),
+    Case("generate-init-from-unknown", "fsynth.generate", f"{GEN} --set generator.init_from=photo",
+         r"config key 'generator\.init_from' must be one of 'noise', 'shots', got 'photo'; fix the value"),
     # fsynth.train
     Case("train-lr-not-a-number", "fsynth.train", f"{TRAIN} --set training.lr=abc",
          r"config key 'training\.lr' must be float, got 'abc'; fix the value"),

@@ -1,5 +1,6 @@
 """The Ray Data generation job on a local Ray: actor pools of 1 and 2 make the direct run's images, bit for bit."""
 
+import os
 
 import numpy as np
 import pytest
@@ -52,14 +53,32 @@ def pixels(manifest) -> dict[str, bytes]:
     return {r.sample_id: np.asarray(Image.open(r.path)).tobytes() for r in rows.itertuples()}
 
 
-@pytest.mark.parametrize("actors", [1, 2])
-def test_actor_pool_makes_the_direct_run_s_images(ray_local, toy, tmp_path, actors):
+def test_actor_pool_makes_the_direct_run_s_images(ray_local, toy, tmp_path, actors=2):
+    """Two actors share the groups and make the direct run's pixels (one actor: the image-to-image test below)."""
     cfg, fewshot, direct = toy
     lines = []
     manifest = run_generation_job(cfg, fewshot, tmp_path, actors=actors, log=lines.append)
     assert pixels(manifest) == direct
     assert any(f"on {actors} actor(s)" in line for line in lines)
     assert any(line.startswith("30/30 images done (30 written)") for line in lines)
+
+
+def test_img2img_on_the_actor_pool_makes_the_direct_run_s_images(ray_local, data, toy, tmp_path):
+    """The sd backend from the shots: the actors find the source shots themselves; a rerun makes only what is gone."""
+    tmp, root, tiny_sd = data
+    cfg = build_config("embedded", overrides=[*TOY, *tiny_sd_overrides(tiny_sd), "generator.init_from=shots",
+                                              "generator.strength=0.5"], extra={"data": {"root": str(root)}})
+    fewshot = toy[1]
+    direct = run_generation_direct(cfg, fewshot, tmp_path / "direct")
+    manifest = run_generation_job(cfg, fewshot, tmp_path / "job", actors=1, log=lambda line: None)
+    assert pixels(manifest) == pixels(direct) and pixels(manifest).keys().isdisjoint(toy[2])
+    rows = load_synthetic_manifest(manifest)
+    assert rows["source_id"].str.startswith("fashion-mnist/").all() and rows["source_id"].nunique() == 20
+    gone = rows["path"].iloc[4]
+    os.remove(gone)
+    lines = []
+    run_generation_job(cfg, fewshot, tmp_path / "job", actors=1, log=lines.append)
+    assert pixels(manifest) == pixels(direct) and any("1 groups to make" in line for line in lines)
 
 
 def test_per_class_lora_fine_tuning_runs_as_parallel_tasks_then_generates(ray_local, data, tmp_path):

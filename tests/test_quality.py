@@ -15,6 +15,7 @@ from fsynth.errors import FsynthError
 from fsynth.quality import (
     embedding_gap,
     frechet_distance,
+    head_accuracy,
     load_quality,
     measure_synthetic_quality,
     write_quality,
@@ -148,3 +149,35 @@ def test_measure_with_tiny_clip(tmp_path, one_thread):
     trained = measure_synthetic_quality(cfg, data, model=model)
     assert trained["frechet"] == pytest.approx(quality["frechet"], rel=1e-5)
     assert torch.equal(model.encode(image), before) and [p.requires_grad for p in model.parameters()] == grads
+
+
+def test_head_accuracy_by_hand():
+    weights = np.array([[1.0, 0.0], [0.0, 1.0]])
+    embeddings = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
+    assert head_accuracy(embeddings, np.array([0, 1, 1]), weights) == pytest.approx(2 / 3)
+
+
+def test_starting_model_accuracy_is_the_fresh_classifier_s_even_for_a_trained_one(tmp_path, one_thread):
+    from fsynth.augment import build_eval_transform
+    from fsynth.data.records import load_image
+
+    cfg = build_config(overrides=["model.arch=tiny-clip", "model.pretrained=", "model.head=zeroshot"])
+    data = tiny_data(tmp_path)
+    model = build_model(cfg, data).eval()
+    transform = build_eval_transform(model.image_size, model.mean, model.std)
+    images = torch.stack([transform(load_image(s)) for s in data.synthetic])
+    labels = np.array([s.label for s in data.synthetic])
+    with torch.no_grad():
+        fresh = model(images)
+    expected = float((fresh.argmax(1).numpy() == labels).mean())
+    quality = measure_synthetic_quality(cfg, data, model=model)
+    assert quality["starting_model_accuracy"] == pytest.approx(expected) and quality["head"] == "zeroshot"
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+        adapted = model(images)
+    assert not torch.allclose(adapted, fresh)
+    assert measure_synthetic_quality(cfg, data, model=model)["starting_model_accuracy"] == pytest.approx(expected)
+    with torch.no_grad():
+        assert torch.allclose(model(images), adapted)  # the adapted model's own head is back

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from fsynth.data.fewshot import MANIFEST_COLUMNS
-from fsynth.errors import FsynthError
+from fsynth.errors import ConfigError, FsynthError
 from fsynth.synthetic import (
     PROMPT_COLUMNS,
     SYNTHETIC_COLUMNS,
@@ -20,7 +20,9 @@ from fsynth.synthetic import (
     missing_groups,
     plan_rows,
     prepare_synthetic_set,
+    read_prompt_table,
     run_groups_direct,
+    shot_sources,
     write_synthetic_images,
     write_synthetic_manifest,
 )
@@ -59,6 +61,46 @@ def test_plan_rows():
     assert rows["seed"].iloc[5] == image_seed("fashion-mnist", "Ankle boot", 2, 7)
     assert rows["seed"].dtype == "int64"
     assert plan_rows("dtd", ["banded"], "texture", 1, 0, "f")["prompt"].iloc[0] == "a texture photo of a banded"
+
+
+def test_source_shots_cycle_through_each_class_s_shots():
+    rows = plan_rows("fashion-mnist", CLASSES, "", 5, 0, "abcd", sources={0: ["r/a", "r/b"], 1: ["r/c"]})
+    assert list(rows["source_id"]) == ["r/a", "r/b", "r/a", "r/b", "r/a", "r/c", "r/c", "r/c", "r/c", "r/c"]
+    assert set(plan_rows("fashion-mnist", CLASSES, "", 2, 0, "abcd")["source_id"]) == {""}  # text-to-image
+
+
+def write_fewshot(folder, shots_per_class):
+    """A few-shot folder's manifest: shots_per_class[c] train rows (ids out of order) and one val row per class."""
+    rows = []
+    for label, (name, n) in enumerate(zip(CLASSES, shots_per_class, strict=True)):
+        rows += [(f"real/{label}/{i}", "", i, label, name, "real", "train", 0) for i in reversed(range(n))]
+        rows.append((f"real/{label}/val", "", 9, label, name, "real", "val", 0))
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).to_parquet(folder / "manifest.parquet")
+    return folder
+
+
+def test_shot_sources_sorts_the_shots_and_refuses_a_class_without(tmp_path):
+    by_label, samples, digest = shot_sources(write_fewshot(tmp_path / "ok", (3, 1)))
+    assert by_label == {0: ["real/0/0", "real/0/1", "real/0/2"], 1: ["real/1/0"]}
+    assert set(samples) == {"real/0/0", "real/0/1", "real/0/2", "real/1/0"} and len(digest) == 16
+    for fewshot, needle in ((write_fewshot(tmp_path / "gap", (2, 0)), "class 'Ankle boot' has none in"),
+                            (None, "no few-shot set was given")):
+        with pytest.raises(ConfigError, match=needle) as err:
+            shot_sources(fewshot)
+        assert "\n" not in str(err.value) and "generator.init_from=noise" in str(err.value)
+
+
+def test_a_set_from_before_the_source_column_reads_and_reopens(tmp_path):
+    key, table, out = toy_set(tmp_path)
+    run_groups_direct(ColourGenerator(), table, out, missing_groups(table, out))
+    manifest = finish_synthetic_set(out, table)
+    for path in (out / "prompts.parquet", manifest):  # as written before `source_id` existed
+        pd.read_parquet(path).drop(columns="source_id").to_parquet(path)
+    stamp = manifest.stat().st_mtime_ns
+    assert prepare_synthetic_set(tmp_path, key, table) == out and set(read_prompt_table(out)["source_id"]) == {""}
+    assert finish_synthetic_set(out, table) == manifest and manifest.stat().st_mtime_ns == stamp  # not rewritten
+    assert tuple(load_synthetic_manifest(manifest).columns) == SYNTHETIC_COLUMNS
 
 
 def test_zero_images_per_class_is_one_line_error():

@@ -29,6 +29,7 @@ from PIL import Image
 
 from fsynth.cache import ensure_built
 from fsynth.errors import FsynthError
+from fsynth.generators import SourceShots, denoising_steps
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
@@ -251,17 +252,39 @@ def initial_noise(gen: DDPMGenerator, rng: torch.Generator) -> torch.Tensor:
 
 @torch.inference_mode()
 def _ddim(unet: UNet2DModel, sched: Any, x: torch.Tensor, y: torch.Tensor, eta: float,
-          rngs: list[torch.Generator]) -> torch.Tensor:
-    """DDIM from noise x [N, C, R, R] with labels y [N] to images [N, C, R, R]; image i's step noise from rngs[i]."""
-    for t in sched.timesteps:
+          rngs: list[torch.Generator], timesteps: torch.Tensor) -> torch.Tensor:
+    """DDIM over `timesteps` from x [N, C, R, R] with labels y [N] to images [N, C, R, R]; image i's step noise
+    from rngs[i]."""
+    for t in timesteps:
         eps = unet(x, t, class_labels=y).sample
         x = sched.step(eps, t, x, eta=eta, generator=rngs).prev_sample
     return x
 
 
+def _start(gen: DDPMGenerator, sched: Any, rngs: list[torch.Generator], sources: torch.Tensor | None,
+           strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x [N, C, R, R], timesteps) a batch's reverse process starts from: its initial noise and the whole step
+    subsequence, or (SDEdit) its source shots [N, C, R, R] noised to the first of the subsequence's last
+    int(steps * strength) timesteps.
+
+    Truncating the text-to-image subsequence, rather than spreading `steps` over [0, strength * T], is what
+    diffusers' img2img does: the two backends then mean the same by steps and strength, each kept step is as
+    large as in text-to-image, and a set costs in proportion to its strength. The shot is noised to that first
+    kept timestep (at most T / steps below strength * T) so the UNet's first call sees the noise level it is
+    told. The noise is the image's own first draw, as in text-to-image: strength 1 is that path exactly.
+    """
+    noise = torch.stack([initial_noise(gen, r) for r in rngs])
+    if sources is None or strength >= 1.0:
+        return noise, sched.timesteps
+    kept = sched.timesteps[len(sched.timesteps) - denoising_steps(len(sched.timesteps), strength):]
+    t0 = torch.full((len(noise),), int(kept[0]), dtype=torch.long)
+    return sched.add_noise(sources.to(noise.dtype), noise, t0), kept
+
+
 def sample_images(
     gen: DDPMGenerator, labels: Sequence[int], seeds: Sequence[int], *, steps: int = 25, batch_size: int = 64,
     device: str | torch.device = "cpu", out_size: int | None = None, eta: float = 1.0,
+    sources: torch.Tensor | None = None, strength: float = 1.0,
 ) -> list[Image.Image]:
     """One RGB image per (label, seed): R x R, or out_size x out_size.
 
@@ -271,8 +294,13 @@ def sample_images(
     an imperfect noise predictor. Every random draw of an image comes from its own CPU generator seeded with its
     seed, so an image depends only on its label and seed, not on its batch (up to float rounding in batched
     kernels) or device.
+    sources: float [N, C, R, R] in [-1, 1] (see images_to_tensor), one start image per label, for SDEdit at
+    `strength` in (0, 1] (see `_start`); None is text-to-image.
     """
     _check_inputs(labels, gen.num_classes, seeds, "seeds")
+    if sources is not None and tuple(sources.shape) != (len(labels), gen.channels, gen.resolution, gen.resolution):
+        raise FsynthError(f"source images of shape {tuple(sources.shape)} for {len(labels)} labels; pass "
+                          f"[{len(labels)}, {gen.channels}, {gen.resolution}, {gen.resolution}] (images_to_tensor)")
     from diffusers import DDIMScheduler
 
     # "trailing" spacing starts at t = 999, which few-step DDIM needs to begin from (almost) pure noise.
@@ -283,32 +311,44 @@ def sample_images(
     for start in range(0, len(labels), max(1, batch_size)):
         stop = start + max(1, batch_size)
         rngs = [image_generator(s) for s in seeds[start:stop]]
-        x = torch.stack([initial_noise(gen, r) for r in rngs]).to(device)
+        x, timesteps = _start(gen, sched, rngs, None if sources is None else sources[start:stop], strength)
         y = torch.as_tensor([int(v) for v in labels[start:stop]], dtype=torch.long, device=device)
-        images.extend(tensor_to_images(_ddim(unet, sched, x, y, eta, rngs), out_size))
+        images.extend(tensor_to_images(_ddim(unet, sched, x.to(device), y, eta, rngs, timesteps), out_size))
     return images
 
 
 @dataclass
 class DDPMBackend:
-    """The `ddpm` backend behind the generator interface: a trained DDPMGenerator plus its sampling settings."""
+    """The `ddpm` backend behind the generator interface: a trained DDPMGenerator plus its sampling settings.
+
+    sources: the real shots to start from (SDEdit, fsynth.generators.SourceShots) or None for text-to-image; with
+    them the fingerprint also covers the strength and the shots.
+    """
 
     gen: DDPMGenerator
     steps: int = 25
     out_size: int | None = None
     device: str | torch.device = "cpu"
     eta: float = 1.0
+    sources: SourceShots | None = None
     fingerprint: str = field(init=False)
 
     def __post_init__(self) -> None:
         blob = json.dumps([self.gen.fingerprint, f"ddim-eta{self.eta:g}-trailing", self.steps, self.out_size]).encode()
         self.fingerprint = hashlib.sha256(blob).hexdigest()[:16]
+        if self.sources is not None:
+            self.fingerprint = self.sources.fingerprint(self.fingerprint)
 
     def generate(self, rows: Any) -> list[Image.Image]:
-        """One RGB image per row (columns `label`, `seed`), R x R or out_size x out_size."""
+        """One RGB image per row (columns `label`, `seed`; `source_id` with sources), R x R or out_size x out_size."""
+        start, strength = None, 1.0
+        if self.sources is not None:
+            shots = self.sources.pick([str(v) for v in rows["source_id"]])
+            start = images_to_tensor(shots, self.gen.resolution, self.gen.channels) if shots else None
+            strength = self.sources.strength
         return sample_images(self.gen, [int(v) for v in rows["label"]], [int(v) for v in rows["seed"]],
                              steps=self.steps, batch_size=max(1, len(rows)), device=self.device,
-                             out_size=self.out_size, eta=self.eta)
+                             out_size=self.out_size, eta=self.eta, sources=start, strength=strength)
 
 
 def training_steps(epochs: int, shots: int, batch_size: int) -> int:

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from fsynth.config import GeneratorConfig
+    from fsynth.generators import SourceShots
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -433,34 +434,48 @@ class SDGenerator:
             groups.setdefault(self._adapter_for(class_name), []).append(i)
         images: list[Image.Image | None] = [None] * len(rows)
         for adapter, idx in groups.items():
-            sub = rows.iloc[idx]
-            for i, img in zip(idx, self._call(adapter, list(sub["prompt"]), list(sub["seed"])), strict=True):
+            for i, img in zip(idx, self._call(adapter, rows.iloc[idx]), strict=True):
                 images[i] = img
         return images  # type: ignore[return-value]
 
-    def _call(self, adapter: str | None, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
-        """One pipeline call: latents [N, 4, R/8, R/8] from N CPU generators -> N RGB images R x R."""
+    def _call(self, adapter: str | None, rows: pd.DataFrame) -> list[Image.Image]:
+        """One pipeline call for N rows: latents [N, 4, R/8, R/8] from N CPU generators -> N RGB images R x R."""
+        self._use_adapter(adapter)
+        out = self.pipe(**self._common(rows), height=self.resolution, width=self.resolution)
+        return self._rgb(out.images)
+
+    def _use_adapter(self, adapter: str | None) -> None:
         if adapter is not None:
             self.pipe.set_adapters([adapter], adapter_weights=[self.lora_scale])
-        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-        negative = [self.negative_prompt] * len(prompts) if self.negative_prompt else None
-        out = self.pipe(prompt=[str(p) for p in prompts], negative_prompt=negative, generator=generators,
-                        num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
-                        height=self.resolution, width=self.resolution, output_type="pil")
-        images = [img.convert("RGB") for img in out.images]
+
+    def _common(self, rows: pd.DataFrame) -> dict[str, Any]:
+        """The pipeline arguments text-to-image and image-to-image share: prompts, one seeded CPU generator per
+        row, the negative prompt, steps and guidance."""
+        prompts = [str(p) for p in rows["prompt"]]
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in rows["seed"]]
+        return {"prompt": prompts, "generator": generators,
+                "negative_prompt": [self.negative_prompt] * len(prompts) if self.negative_prompt else None,
+                "num_inference_steps": self.steps, "guidance_scale": self.guidance_scale, "output_type": "pil"}
+
+    def _rgb(self, images: list[Image.Image]) -> list[Image.Image]:
         size = (self.resolution, self.resolution)
-        return [img if img.size == size else img.resize(size) for img in images]
+        return [img if img.size == size else img.resize(size) for img in (i.convert("RGB") for i in images)]
 
 
 def build_sd_generator(gcfg: GeneratorConfig, device: str | torch.device | None = None,
-                       lora_path: str | None = None) -> SDGenerator:
+                       lora_path: str | None = None, sources: SourceShots | None = None) -> SDGenerator:
     """Load gcfg.model and wrap it with gcfg's settings.
 
     `lora_path` (e.g. a fine-tuned LoRA folder) replaces gcfg.lora_path unless it is None; "" means no LoRA.
+    `sources`: the real shots for image-to-image (fsynth.generators.sd_img2img), None for text-to-image.
     """
     path = gcfg.lora_path if lora_path is None else lora_path
     lora_files = find_lora_files(path) if path else {}
     pipe = load_sd_pipeline(gcfg.model, gcfg.dtype, gcfg.scheduler, device)
-    return SDGenerator(pipe, folder_digest(model_folder(gcfg.model)), guidance_scale=gcfg.guidance_scale,
-                       steps=gcfg.steps, resolution=gcfg.resolution, negative_prompt=gcfg.negative_prompt,
-                       lora_files=lora_files, lora_scale=gcfg.lora_scale)
+    settings = dict(guidance_scale=gcfg.guidance_scale, steps=gcfg.steps, resolution=gcfg.resolution,
+                    negative_prompt=gcfg.negative_prompt, lora_files=lora_files, lora_scale=gcfg.lora_scale)
+    if sources is not None:
+        from fsynth.generators.sd_img2img import SDImg2ImgGenerator
+
+        return SDImg2ImgGenerator(pipe, folder_digest(model_folder(gcfg.model)), sources, **settings)
+    return SDGenerator(pipe, folder_digest(model_folder(gcfg.model)), **settings)

@@ -152,19 +152,25 @@ def _batch_loss(m: _Models, pixels: torch.Tensor, ids: torch.Tensor, rng: torch.
 
 def _train(m: _Models, params: list, pixels: torch.Tensor, ids: torch.Tensor, *, lr: float, weight_decay: float,
            warmup_steps: int, batch_size: int, epochs: int, seed: int,
-           progress: Callable[[int, float], None] | None) -> list[float]:
-    """AdamW + cosine-with-warm-up over `epochs` seeded shuffles of the N shots; returns the per-step losses."""
+           progress: Callable[[int, float], None] | None, steps: int = 0) -> list[float]:
+    """AdamW + cosine-with-warm-up over seeded shuffles of the N shots; returns the per-step losses.
+
+    `steps` 0: `epochs` shuffles; > 0: exactly `steps` optimiser steps (shuffle after shuffle, the last one cut
+    short), so a shots ablation compares LoRAs trained for one budget. Equal counts give equal runs.
+    """
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
     n = len(pixels)
-    steps = epochs * math.ceil(n / batch_size)
+    steps = steps or epochs * math.ceil(n / batch_size)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = get_cosine_schedule_with_warmup(opt, warmup_steps, steps)
     rng = torch.Generator().manual_seed(seed)
     history: list[float] = []
-    for _ in range(epochs):
+    while len(history) < steps:
         order = torch.randperm(n, generator=rng)
         for start in range(0, n, batch_size):
+            if len(history) == steps:
+                break
             idx = order[start:start + batch_size]
             loss = _batch_loss(m, pixels[idx], ids[idx], rng)
             opt.zero_grad(set_to_none=True)
@@ -191,9 +197,10 @@ def finetune_sd_lora(
     pipe_or_path: StableDiffusionPipeline | str | Path, images: Sequence[Image.Image], prompts: Sequence[str], *,
     rank: int, lr: float, weight_decay: float, warmup_steps: int, batch_size: int, epochs: int, seed: int,
     resolution: int, device: str | torch.device = "cpu", precision: str = "float32",
-    progress: Callable[[int, float], None] | None = None,
+    progress: Callable[[int, float], None] | None = None, steps: int = 0,
 ) -> LoraResult:
-    """Train a LoRA on (image, prompt) pairs; `epochs * ceil(N / batch_size)` steps, `progress(step, loss)` each.
+    """Train a LoRA on (image, prompt) pairs; `steps` optimiser steps, or (steps 0) `epochs * ceil(N / batch_size)`,
+    `progress(step, loss)` after each.
 
     A path is loaded fresh; a pipeline object is trained in place: its UNet and text encoder keep the active
     adapter `fsynth` (base weights unchanged), so it generates with the LoRA straight away. `precision`
@@ -220,7 +227,7 @@ def finetune_sd_lora(
     pixels, ids = shots_to_pixels(images, resolution), _token_ids(pipe.tokenizer, prompts)
     with torch.random.fork_rng(devices=[]):
         history = _train(m, params, pixels, ids, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                         batch_size=batch_size, epochs=epochs, seed=seed, progress=progress)
+                         batch_size=batch_size, epochs=epochs, seed=seed, progress=progress, steps=steps)
     pipe.unet.eval()
     pipe.text_encoder.eval()
     return LoraResult(_lora_state(pipe.unet), _lora_state(pipe.text_encoder), history, len(history), rank)
@@ -298,11 +305,20 @@ def plan_sd_lora(base_model: str, fewshot_manifest: str | Path, gcfg: GeneratorC
             "finetune": finetune, "resolution": gcfg.resolution, "seed": gcfg.base_seed, "domain": domain,
             "shots_digest": shots_digest, "classes": classes}
     key = {k: v for k, v in info.items() if k != "base_model"}  # the content, not where it was found
+    key["finetune"] = _budget_key(finetune)
     name = f"{dataset}-lora-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}"
     root = Path(out_root).resolve()
     dev = resolve_device(device)
     return LoraPlan(root / name, root / f".{name}.partial", base, info, tuple(images), tuple(names), domain,
                     "bfloat16" if dev.type == "cuda" else "float32", str(dev))
+
+
+def _budget_key(finetune: dict) -> dict:
+    """The finetune settings as the address sees them: a step count replaces the epochs it overrides, and
+    steps 0 is left out, so a LoRA trained before `steps` existed keeps its folder."""
+    if finetune.get("steps", 0) > 0:
+        return {k: v for k, v in finetune.items() if k != "epochs"}
+    return {k: v for k, v in finetune.items() if k != "steps"}
 
 
 def _unit_done(folder: Path) -> bool:
@@ -337,7 +353,7 @@ def finetune_one_class(plan: LoraPlan, unit: str, *, log: Callable[[str], None] 
             [generation_prompt(plan.class_names[i], plan.domain) for i in pick], rank=ft["lora_rank"], lr=ft["lr"],
             weight_decay=ft["weight_decay"], warmup_steps=ft["warmup_steps"], batch_size=ft["batch_size"],
             epochs=ft["epochs"], seed=plan.info["seed"], resolution=plan.info["resolution"], device=plan.device,
-            precision=plan.precision)
+            precision=plan.precision, steps=ft.get("steps", 0))
         _store_unit(result, plan, unit)
         log(f"trained LoRA '{unit}' ({result.steps} steps, loss {result.history[0]:.4f} -> "
             f"{result.history[-1]:.4f}) in {time.perf_counter() - start:.1f} s")

@@ -7,7 +7,14 @@ import pytest
 from PIL import Image
 
 from fsynth.errors import FsynthError
-from fsynth.generators.ddpm import images_to_tensor, load_generator, sample_images, save_generator, train_ddpm
+from fsynth.generators.ddpm import (
+    images_to_tensor,
+    load_generator,
+    sample_images,
+    save_generator,
+    tensor_to_images,
+    train_ddpm,
+)
 
 TINY = {"resolution": 16, "channels": 1, "widths": (16, 32, 32)}
 SAMPLE_STEPS = 4
@@ -96,6 +103,52 @@ def test_ancestral_and_deterministic_sampling_differ(trained):
     from fsynth.generators.ddpm import DDPMBackend
 
     assert DDPMBackend(gen, eta=0.0).fingerprint != DDPMBackend(gen).fingerprint
+
+
+def sdedit(gen, strength, seeds=(31, 32, 33, 34), steps=10):
+    """SDEdit samples of the toy shots 0, 1 (class 0) and 4, 5 (class 1) at `strength`, and those shots [4, 1, R, R]."""
+    images, labels = toy_images()
+    pick = [0, 1, 4, 5]
+    shots = images_to_tensor([images[i] for i in pick], 16, 1)
+    out = sample_images(gen, [labels[i] for i in pick], list(seeds), steps=steps, sources=shots, strength=strength)
+    return arrays(out)[..., 0], arrays(tensor_to_images(shots))[..., 0]
+
+
+def test_sdedit_is_seeded_and_strength_sets_closeness_to_the_shot(trained):
+    gen, _ = trained
+    low, shots = sdedit(gen, 0.3)
+    assert np.array_equal(low, sdedit(gen, 0.3)[0])
+    assert not np.array_equal(low, sdedit(gen, 0.3, seeds=(41, 42, 43, 44))[0])
+    high, _ = sdedit(gen, 0.9)
+    dist = {name: np.abs(x - shots).mean() for name, x in (("0.3", low), ("0.9", high))}
+    assert dist["0.3"] < dist["0.9"], dist
+    # strength 1 is text-to-image, pixel for pixel: the shot is noised all the way
+    full, _ = sdedit(gen, 1.0)
+    images, labels = toy_images()
+    plain = sample_images(gen, [labels[i] for i in (0, 1, 4, 5)], [31, 32, 33, 34], steps=10)
+    assert np.array_equal(full, arrays(plain)[..., 0])
+
+
+def test_sdedit_backend_reads_each_row_s_source(trained):
+    import pandas as pd
+
+    from fsynth.errors import ConfigError
+    from fsynth.generators import SourceShots
+    from fsynth.generators.ddpm import DDPMBackend
+
+    gen, _ = trained
+    images, _ = toy_images()
+    sources = SourceShots({"a": images[0], "b": images[4]}, 0.5, "toy")
+    backend = DDPMBackend(gen, steps=4, sources=sources)
+    rows = pd.DataFrame({"label": [0, 1], "seed": [1, 2], "source_id": ["a", "b"]})
+    swapped = rows.assign(source_id=["b", "a"])
+    assert not np.array_equal(arrays(backend.generate(rows)), arrays(backend.generate(swapped)))
+    assert len({backend.fingerprint, DDPMBackend(gen, steps=4).fingerprint,
+                DDPMBackend(gen, steps=4, sources=SourceShots(sources.images, 0.75, "toy")).fingerprint}) == 3
+    with pytest.raises(FsynthError, match="source shot 'c' is not among the 2 real shots"):
+        backend.generate(rows.assign(source_id=["a", "c"]))
+    with pytest.raises(ConfigError, match="leaves no denoising step"):
+        DDPMBackend(gen, steps=4, sources=SourceShots(sources.images, 0.2, "toy")).generate(rows)
 
 
 def test_out_size_and_bad_labels(trained):

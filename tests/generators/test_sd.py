@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from fsynth.config import GeneratorConfig
 from fsynth.errors import FsynthError
@@ -239,3 +240,65 @@ def test_bad_lora_paths(tiny, tmp_path):
     with pytest.raises(FsynthError) as exc:
         build_sd_generator(config(tiny), lora_path=str(tmp_path))
     assert_one_line(exc, "pytorch_lora_weights.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- image-to-image
+def toy_shots():
+    """Two 40x48 RGB shots (cropped and resized to 32 px by the backend): a half-white frame and random pixels."""
+    half = np.zeros((40, 48, 3), np.uint8)
+    half[:, :24] = 255
+    noise = np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    return {"s/a": Image.fromarray(half), "s/b": Image.fromarray(noise)}
+
+
+IMG2IMG_STEPS = 4  # strength resolves to 1 / steps: int(steps x strength) steps from the grid's timesteps
+
+
+def img2img(tiny, strength, lora_path=None):
+    from fsynth.generators import SourceShots
+
+    cfg = GeneratorConfig(model=str(tiny), resolution=32, steps=IMG2IMG_STEPS, dtype="float32",
+                          negative_prompt="blurry")
+    return build_sd_generator(cfg, lora_path=lora_path, sources=SourceShots(toy_shots(), strength, "toy"))
+
+
+def source_rows(seeds, sources=("s/a", "s/b")):
+    return rows(seeds).assign(source_id=list(sources))
+
+
+def test_img2img_is_seeded_and_follows_strength_and_source(tiny):
+    gen = img2img(tiny, 0.5)
+    first = arrays(gen.generate(source_rows([1, 2])))
+    assert np.array_equal(first, arrays(gen.generate(source_rows([1, 2]))))
+    alone = arrays(gen.generate(source_rows([2], ["s/b"])))
+    assert np.abs(first[1:].astype(int) - alone).max() <= 2  # batch-independent up to rounding in batched kernels
+    assert not np.array_equal(first, arrays(gen.generate(source_rows([3, 4]))))
+    assert not np.array_equal(first, arrays(gen.generate(source_rows([1, 2], ["s/b", "s/a"]))))
+    stronger = img2img(tiny, 0.9)
+    assert not np.array_equal(first, arrays(stronger.generate(source_rows([1, 2]))))
+    assert len({gen.fingerprint, stronger.fingerprint, build_sd_generator(config(tiny)).fingerprint}) == 3
+
+
+def test_img2img_at_small_strength_stays_near_the_shot_s_latent(tiny):
+    """The random VAE scrambles pixels, so closeness is measured where the denoising happens: in latent space."""
+    from fsynth.generators.sd_img2img import source_images
+
+    gen = img2img(tiny, 0.5)
+    shots = source_images(list(toy_shots().values()), 32)
+    x = torch.from_numpy(np.stack([np.asarray(s) for s in shots])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        z = gen.pipe.vae.encode(x).latent_dist.mean * gen.pipe.vae.config.scaling_factor
+    args = {**gen._common(source_rows([1, 2])), "output_type": "latent"}
+    dist = {s: (gen.img2img(image=shots, strength=s, **args).images - z).abs().mean().item() for s in (0.5, 1.0)}
+    assert dist[0.5] < 0.7 * dist[1.0], dist
+
+
+def test_img2img_at_strength_one_is_text_to_image_and_keeps_the_lora(tiny, loras):
+    gen = img2img(tiny, 1.0)
+    plain = SDGenerator(gen.pipe, gen.model_digest, steps=IMG2IMG_STEPS, resolution=32, negative_prompt="blurry")
+    assert np.array_equal(arrays(gen.generate(source_rows([1, 2]))), arrays(plain.generate(rows([1, 2]))))
+    with_lora = img2img(tiny, 0.5, lora_path=str(loras[0]))
+    assert not np.array_equal(arrays(with_lora.generate(source_rows([1, 2]))),
+                              arrays(img2img(tiny, 0.5).generate(source_rows([1, 2]))))
+    with pytest.raises(FsynthError, match="leaves no denoising step"):
+        img2img(tiny, 0.2)  # int(4 steps x 0.2) = 0

@@ -107,6 +107,16 @@ def test_seeded_deterministic_and_global_rng_untouched(tiny):
     assert any(not torch.equal(a.unet[k], c.unet[k]) for k in a.unet)
 
 
+def test_a_step_budget_replaces_the_epochs(tiny):
+    images, names = toy_images()
+    kwargs = {**TRAIN, "batch_size": 2, "seed": 5}  # 3 shots: 2 batches an epoch
+    budget = finetune_sd_lora(tiny, images[:3], prompts(names[:3]), epochs=1, steps=3, **kwargs)
+    assert budget.steps == 3 == len(budget.history)  # one epoch and the first batch of the next
+    same = finetune_sd_lora(tiny, images[:3], prompts(names[:3]), epochs=7, steps=2, **kwargs)
+    epochs = finetune_sd_lora(tiny, images[:3], prompts(names[:3]), epochs=1, **kwargs)
+    assert same.history == epochs.history  # equal step counts, equal runs
+
+
 def test_saved_lora_loads_back_and_changes_the_image(tiny, trained, tmp_path):
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -163,6 +173,11 @@ def test_ensure_per_dataset_layout_reuse_and_address(tiny, tmp_path):
     assert any("reusing" in line for line in logs) and sum("trained" in line for line in logs) == 1
     plan = plan_sd_lora(str(tiny), manifest, gcfg(tiny, epochs=2), out, dataset="toy", domain="")
     assert plan.final != first and plan_sd_lora(str(tiny), manifest, cfg, out, dataset="toy", domain="").final == first
+    # a step budget is part of the address and makes the epochs irrelevant to it
+    budget = plan_sd_lora(str(tiny), manifest, gcfg(tiny, steps=5), out, dataset="toy", domain="").final
+    assert budget != first
+    same_budget = plan_sd_lora(str(tiny), manifest, gcfg(tiny, steps=5, epochs=9), out, dataset="toy", domain="")
+    assert same_budget.final == budget
 
 
 def test_ensure_per_class_resumes_a_finished_class(tiny, tmp_path):
