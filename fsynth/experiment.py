@@ -97,8 +97,10 @@ def ensure_sweep_run(uri: str, experiment: str, sid: str, run_tags: dict[str, st
 
 def log_sweep_inputs(uri: str, run_id: str, plan: Plan, fewshot: Path, synthetic: Path | None) -> None:
     """The space file, the resolved base config, the synthetic sample grid and, beside it, the real shots in the
-    same layout (synthetic/real_shots.png: a row per class; fsynth.report shows the two side by side)."""
+    same layout (synthetic/real_shots.png: a row per class; fsynth.report shows the two side by side), and the
+    set's quality.json figures as `synthetic/<name>` metrics (fsynth.report's recognisability column)."""
     from fsynth.plots import write_shot_grid
+    from fsynth.quality import QUALITY_NAME, load_quality
 
     with tempfile.TemporaryDirectory(prefix="fsynth-sweep-") as tmp:
         tracking.log_artifacts(uri, run_id, save_config(plan.cfg, Path(tmp) / "base_config.yaml"))
@@ -107,6 +109,9 @@ def log_sweep_inputs(uri: str, run_id: str, plan: Plan, fewshot: Path, synthetic
     grid = synthetic.parent / "samples.png" if synthetic else None
     if grid is not None and grid.is_file():
         tracking.log_artifacts(uri, run_id, grid, "synthetic")
+    quality = synthetic.parent / QUALITY_NAME if synthetic else None
+    if quality is not None and quality.is_file():
+        tracking.MlflowReporter(uri, run_id)({f"synthetic/{k}": v for k, v in load_quality(quality).items()})
 
 
 def concurrency(plan: Plan, explicit: int | None, address: str | None) -> int:

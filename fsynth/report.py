@@ -42,6 +42,8 @@ COMMAND_TAG = tags.COMMAND
 DASH = "–"
 DEFAULT_OUT = "docs/results.md"
 NO_SYNTHETIC = ("real-only", "zero-shot")  # baselines whose label leaves out the generator
+RECOGNISED_KEY = "synthetic/starting_model_accuracy"  # logged on the sweep run by fsynth.experiment
+SYNTHETIC_AXIS = ("real-synthetic-ce", "method")  # the rows the synthetic-set table compares
 REGULARISED = ("method", "discrepancy-only", "robustness-only", "synthetic-only")  # use regions and loss.preset
 SHORT_KEYS = {"training.lr": "lr", "training.weight_decay": "wd", "loss.lambda_discrepancy": "λ1",
               "loss.lambda_robustness": "λ2", "loss.ce_real_weight": "λ"}
@@ -62,8 +64,8 @@ LOSS_LABELS = {row[0]: row[1] for row in LOSS_ROWS}
 FIGURE2 = {"method": "method", "real-synthetic-ce": "real + synthetic CE only"}  # Figure 2's runs, as labelled
 CSV_FIELDS = ("dataset", "sweep", "space", "baseline", "preset", "loss_preset", "regions", "shots", "label",
               "seeds", "test_mean", "test_std", "test_per_seed", "seed_ids", "val_mean", "measured_discrepancy",
-              "measured_robustness", "mixing_synthetic_in_mixed", "mixing_batch_synthetic_in_t",
-              "paper", "paper_row", "paper_other", "command", "parent_run")
+              "measured_robustness", "mixing_synthetic_in_mixed", "mixing_batch_synthetic_in_t", "features",
+              "synthetic", "synthetic_recognised", "paper", "paper_row", "paper_other", "command", "parent_run")
 NOTE = ("Test accuracy (%) of each sweep's final runs: mean ± sample std over seeds (ddof 1; one seed: –); the "
         "configuration was selected on validation accuracy only and test was evaluated once per seed. *paper* is "
         "the published row the run corresponds to (`shared/reference/paper_tables.md`); the paper's code picked "
@@ -97,17 +99,21 @@ class SweepInfo:
     run_id: str
     best: Mapping[str, Any]  # the sampled values the final seeds used ({} for a space that samples nothing)
     command: str  # the fsynth.tune command line, "" when the run predates the tag
+    recognised: float | None = None  # synthetic/starting_model_accuracy: the starting model's accuracy on the set
 
 
 @dataclass(frozen=True)
 class Setting:
-    """What an ablation holds fixed: space, paper variant, loss preset, shots and regions (mode, multiple)."""
+    """What an ablation holds fixed: space, paper variant, loss preset, shots, regions (mode, multiple), the
+    regions' feature space and the synthetic set (see `synthetic_label`)."""
 
     space: str
     preset: str
     loss_preset: str
     shots: int
     regions: tuple[str, float]
+    features: str = ""
+    synthetic: str = ""
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,9 @@ class SweepRow:
     parent_run_id: str = ""
     run_ids: tuple[str, ...] = ()  # the final runs, in seed order
     measured: Mapping[str, float] = field(default_factory=dict)  # MEASURED key -> mean over seeds (final epoch)
+    features: str = ""  # partition.features: outputs, embedding or pixels
+    synthetic: str = ""  # synthetic_label: text-to-image, image-to-image <strength>, "" without synthetic images
+    recognised: float | None = None  # percent of the synthetic set the starting model labels right (SweepInfo)
 
     @property
     def test_mean(self) -> float:
@@ -155,7 +164,8 @@ class SweepRow:
 
     @property
     def setting(self) -> Setting:
-        return Setting(self.space, self.preset, self.loss_preset, self.shots, self.regions)
+        return Setting(self.space, self.preset, self.loss_preset, self.shots, self.regions, self.features,
+                       self.synthetic)
 
 
 @dataclass(frozen=True)
@@ -178,6 +188,8 @@ class Ablations:
     presets: tuple[SweepRow, ...]  # method rows: paper, then protoaug
     shots: tuple[SweepRow, ...]  # method (then real-only) rows by shots
     one_region: Mapping[str, SweepRow] = field(default_factory=dict)  # Figure 2's rows with a single region
+    features: tuple[SweepRow, ...] = ()  # method rows by the regions' feature space
+    synthetic: tuple[SweepRow, ...] = ()  # CE and method rows by synthetic set
 
 
 # ------------------------------------------------------------------------------------------------ reading runs
@@ -251,8 +263,9 @@ def sweep_infos(sweeps: Sequence[Any]) -> dict[str, SweepInfo]:
         key = run.data.tags.get(SWEEP_TAG) or run.info.run_id
         held = infos.get(key, SweepInfo("", {}, ""))
         best = _json_dict(run.data.tags.get(BEST_TAG, ""))
+        recognised = run.data.metrics.get(RECOGNISED_KEY, held.recognised)
         infos[key] = SweepInfo(run.info.run_id, held.best if best is None else best,
-                               run.data.tags.get(COMMAND_TAG) or held.command)
+                               run.data.tags.get(COMMAND_TAG) or held.command, recognised)
     return infos
 
 
@@ -302,15 +315,29 @@ def run_label(baseline: str, params: Mapping[str, str], best: Mapping[str, Any])
     parts = [baseline]
     if baseline in REGULARISED:
         mode = params.get("partition.mode", "?")
-        parts.append("1 region" if mode == "single" else f"{mode} ×{_number(params.get('partition.cluster_multiple'))}")
+        multiple = _number(params.get("partition.cluster_multiple"))
+        features = f"{params['partition.features']} " if "partition.features" in params else ""
+        parts.append("1 region" if mode == "single" else f"{features}{mode} ×{multiple}")
         parts.append(params.get("loss.preset", "?"))
     parts.append(f"{params.get('data.shots', '?')} shots")
     if baseline not in NO_SYNTHETIC:
-        parts.append(f"{params.get('generator.backend', '?')} {params.get('generator.images_per_class', '?')}/class")
+        generator = f"{params.get('generator.backend', '?')} {params.get('generator.images_per_class', '?')}/class"
+        if synthetic_label(baseline, params) != "text-to-image":
+            generator += f" {synthetic_label(baseline, params)}"
+        parts.append(generator)
     order = list(SHORT_KEYS)
     keys = sorted((k for k in best if k not in SHOWN_KEYS), key=lambda k: (order.index(k) if k in order else 99, k))
     chosen = [f"{SHORT_KEYS.get(k, k.rsplit('.', 1)[-1])}={_number(best[k])}" for k in keys]
     return " · ".join(parts) + (f" · {', '.join(chosen)}" if chosen else "")
+
+
+def synthetic_label(baseline: str, params: Mapping[str, str]) -> str:
+    """The synthetic set a run trained on: 'text-to-image', 'image-to-image <strength>', or '' (none used)."""
+    if baseline in NO_SYNTHETIC:
+        return ""
+    if params.get("generator.init_from", "noise") != "shots":
+        return "text-to-image"
+    return f"image-to-image {_number(params.get('generator.strength', '?'))}"
 
 
 def _seed_key(seed: str) -> tuple[int, str]:
@@ -348,6 +375,7 @@ def _sweep_row(runs: list[FinalRun], info: SweepInfo | None, tables: Path | None
     runs = sorted(runs, key=lambda r: _seed_key(r.seed))
     last = max(runs, key=lambda r: r.end_time)
     info = info or SweepInfo(last.parent, {}, "")
+    regularised = last.baseline in REGULARISED
     return SweepRow(
         dataset=last.dataset, sweep=last.sweep, baseline=last.baseline, space=last.space,
         preset=preset_of(last.params), shots=_int(last.params.get("data.shots"), 16),
@@ -357,6 +385,9 @@ def _sweep_row(runs: list[FinalRun], info: SweepInfo | None, tables: Path | None
         reference=_references(last, tables), end_time=last.end_time,
         loss_preset=last.params.get("loss.preset", ""), regions=_regions(last.params), command=info.command,
         parent_run_id=info.run_id or last.parent, run_ids=tuple(r.run_id for r in runs), measured=_seed_means(runs),
+        features=last.params.get("partition.features", "embedding") if regularised else "",
+        synthetic=synthetic_label(last.baseline, last.params),
+        recognised=None if info.recognised is None or last.baseline in NO_SYNTHETIC else 100 * info.recognised,
     )
 
 
@@ -404,15 +435,21 @@ def method_row(rows: Sequence[SweepRow]) -> SweepRow | None:
     """
     spaces = Counter(r.space for r in rows)
     common = Counter((r.preset, r.loss_preset, r.shots) for r in rows)
+    sets = Counter((r.features, r.synthetic) for r in rows if r.baseline in REGULARISED)
     candidates = [r for r in rows if r.baseline == "method" and r.regions == DEFAULT_REGIONS]
     return max(candidates, default=None, key=lambda r: (spaces[r.space], common[(r.preset, r.loss_preset, r.shots)],
-                                                        len(r.tests), r.end_time))
+                                                        sets[(r.features, r.synthetic)], len(r.tests), r.end_time))
 
 
 def _like(row: SweepRow, ref: Setting, free: str = "") -> bool:
-    """Whether `row` ran at `ref` except on the axis `free` (a Setting field); regions count only for baselines
-    that use them (real-only and CE-only runs ignore the partition)."""
-    mine = row.setting if row.baseline in REGULARISED else replace(row.setting, regions=ref.regions)
+    """Whether `row` ran at `ref` except on the axis `free` (a Setting field); regions and their features count
+    only for baselines that use them (real-only and CE-only runs ignore the partition), the synthetic set only for
+    those that train on one."""
+    mine = row.setting
+    if row.baseline not in REGULARISED:
+        mine = replace(mine, regions=ref.regions, features=ref.features)
+    if row.baseline in NO_SYNTHETIC:
+        mine = replace(mine, synthetic=ref.synthetic)
     return (replace(mine, **{free: getattr(ref, free)}) if free else mine) == ref
 
 
@@ -453,6 +490,9 @@ def ablations(rows: Sequence[SweepRow]) -> Ablations:
         shots=_variants(rows, ref, ("method", "real-only"), "shots", lambda r: (r.shots, r.baseline != "method")),
         one_region={b: r for b in FIGURE2
                     if (r := _pick([x for x in rows if x.baseline == b and x.setting == single]))},
+        features=_variants(rows, ref, ("method",), "features", lambda r: (r.features != ref.features, r.features)),
+        synthetic=_variants(rows, ref, SYNTHETIC_AXIS, "synthetic",
+                            lambda r: (r.synthetic, SYNTHETIC_AXIS.index(r.baseline))),
     )
 
 
@@ -548,13 +588,15 @@ def _main_table(report: DatasetReport) -> list[str]:
     if not report.rows:
         return ["No finished final runs yet."]
     lines = ["| run | space | seeds | test acc. (%) | per seed (%) | val acc. (%) | mixing (% epoch / batch) | "
-             "paper (%) | Δ (pp) | published row | command |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "synthetic recognised (%) | paper (%) | Δ (pp) | published row | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report.rows:
         per_seed = ", ".join(f"{t:.2f} (seed {s})" for s, t in zip(row.seeds, row.tests, strict=True))
         paper = row.paper.accuracy if row.paper else None
         delta = DASH if paper is None else f"{row.test_mean - paper:+.2f}"
         lines.append(f"| {row.label} | {row.space or DASH} | {len(row.tests)} | {_mean_std(row)} | {per_seed} | "
-                     f"{_pct(row.val_mean)} | {_mixing_cell(row)} | {DASH if paper is None else f'{paper:g}'} | "
+                     f"{_pct(row.val_mean)} | {_mixing_cell(row)} | {_pct(row.recognised, 0)} | "
+                     f"{DASH if paper is None else f'{paper:g}'} | "
                      f"{delta} | {_published(row)} | {_command_cell(row)} |")
     return lines
 
@@ -564,7 +606,8 @@ def _setting_text(ref: Setting, free: str) -> str:
     mode, multiple = ref.regions
     parts = {"shots": f"{ref.shots} shots", "loss_preset": f"loss preset {ref.loss_preset or '?'}",
              "regions": "1 region" if mode == "single" else f"{mode} regions K = {multiple:g} × classes",
-             "preset": f"{ref.preset} variant", "space": f"space {ref.space or DASH}"}
+             "preset": f"{ref.preset} variant", "space": f"space {ref.space or DASH}",
+             "features": f"{ref.features or DASH} features", "synthetic": ref.synthetic or "no synthetic set"}
     return ", ".join(text for key, text in parts.items() if key != free)
 
 
@@ -623,6 +666,15 @@ def _ablation_sections(ab: Ablations, images: Mapping[str, str]) -> list[str]:
     if len(ab.presets) >= 2:
         sections.append(_axis_table("Loss preset", "loss.preset", f"method, {_setting_text(ab.setting, 'loss_preset')}",
                                     [(r.loss_preset, r) for r in ab.presets]))
+    if len(ab.features) >= 2:
+        sections.append(_axis_table("Region features", "partition.features",
+                                    f"method, {_setting_text(ab.setting, 'features')}",
+                                    [(r.features, r) for r in ab.features]))
+    if len({r.synthetic for r in ab.synthetic}) >= 2:
+        sections.append(_axis_table("Synthetic set", "synthetic set (recognised %)",
+                                    _setting_text(ab.setting, "synthetic"),
+                                    [(f"{r.synthetic} ({_pct(r.recognised, 0)}) · {r.baseline}", r)
+                                     for r in ab.synthetic]))
     if len({r.shots for r in ab.shots}) >= 2:  # method and real-only at one number of shots: no axis
         sections.append(_axis_table("Shots", "shots", _setting_text(ab.setting, "shots"),
                                     [(f"{r.shots} ({r.baseline})", r) for r in ab.shots]))
@@ -678,6 +730,8 @@ def render_csv(report: DatasetReport) -> str:
             **{f"measured_{k.split('/')[1]}": f"{row.measured[k]:.6g}" if k in row.measured else ""
                for k in MEASURED},
             **{f"mixing_{k.split('/')[1]}": f"{row.measured[k]:.4g}" if k in row.measured else "" for k in MIXING},
+            "features": row.features, "synthetic": row.synthetic,
+            "synthetic_recognised": "" if row.recognised is None else f"{row.recognised:.2f}",
             "paper": "" if paper is None else f"{paper.accuracy:g}", "paper_row": "" if paper is None else paper.label,
             "paper_other": ";".join(f"{c.label}={c.accuracy:g}" for c in row.reference[1:]),
             "command": row.command, "parent_run": row.parent_run_id,

@@ -32,6 +32,7 @@ EXPERIMENT = "fsynth"
 BEST = {"training.lr": 1e-4, "training.weight_decay": 5e-4, "loss.lambda_discrepancy": 0.1,
         "loss.lambda_robustness": 1.0, "partition.mode": "static", "partition.cluster_multiple": 2.0}
 TUNE = "python -m fsynth.tune --dataset fashion-mnist --space ablation"
+I2I = {"generator.init_from": "shots", "generator.strength": 0.5}
 # The fashion-mnist ablation set: (name, baseline, --set values, test accuracies of seeds 0.., command suffix).
 ABLATION_RUNS = [
     ("real", "real-only", {}, (0.74, 0.75, 0.76), "--baseline real-only"),
@@ -46,7 +47,13 @@ ABLATION_RUNS = [
     ("protoaug", "method", {"loss.preset": "protoaug"}, (0.79, 0.80), "--set loss.preset=protoaug"),
     ("shots4", "method", {"data.shots": 4}, (0.60, 0.62), "--shots 4"),
     ("real4", "real-only", {"data.shots": 4}, (0.58, 0.60), "--baseline real-only --shots 4"),
+    ("emb", "method", {"partition.features": "embedding"}, (0.78, 0.79), "--set partition.features=embedding"),
+    ("i2i", "method", I2I, (0.82, 0.84), "--set generator.init_from=shots --set generator.strength=0.5"),
+    ("ce-i2i", "real-synthetic-ce", I2I, (0.79, 0.80),
+     "--baseline real-synthetic-ce --set generator.init_from=shots --set generator.strength=0.5"),
 ]
+# The starting model's accuracy on each sweep's synthetic set (logged on the sweep run, as fsynth.experiment does).
+RECOGNISED = {"ce": 0.13, "method": 0.13, "i2i": 0.21, "ce-i2i": 0.21}
 # Final-epoch measured (discrepancy, robustness) of the finals that use synthetic images, and their mixing (share
 # of synthetic samples in a region with a real one, over the epoch and in their batch); the robustness-only row's
 # regularisers saw no synthetic sample.
@@ -76,7 +83,7 @@ def _final(uri, cfg, parent, run_tags, seed, test, val, status, measured):
 
 
 def _sweep(uri, cfg, baseline, finals, *, space="demo", name="", command=None, statuses=None, best=None,
-           measured=None, trials=0):
+           measured=None, trials=0, recognised=None):
     """A sweep run, `trials` trial runs (test accuracy 0.99, which must never count) and final runs; its run id.
 
     `finals` is [(seed, test, val)], `statuses` {index: FAILED/RUNNING} for final runs that must be skipped.
@@ -96,6 +103,8 @@ def _sweep(uri, cfg, baseline, finals, *, space="demo", name="", command=None, s
         _final(uri, cfg, parent, run_tags, seed, test, val, (statuses or {}).get(i, "FINISHED"), measured)
     if best is not None:
         client_for(uri).set_tag(parent, "fsynth.best_values", json.dumps(best))
+    if recognised is not None:
+        MlflowReporter(uri, parent)({report.RECOGNISED_KEY: recognised})
     end_run(uri, parent)
     return parent
 
@@ -127,7 +136,7 @@ def _fashion_mnist(uri, tmp):
         cfg = _config("embedded", "fashion-mnist", baseline, {"training.lr": 1e-4, **values})
         finals = [(seed, test, test - 0.01) for seed, test in enumerate(tests)]
         ids[name] = _sweep(uri, cfg, baseline, finals, space="ablation", name=name, command=f"{TUNE} {suffix}",
-                           best={}, measured=MEASURED.get(name))
+                           best={}, measured=MEASURED.get(name), recognised=RECOGNISED.get(name))
     demo = _sweep(uri, _config("embedded", "fashion-mnist", "method"), "method", [(0, 0.80, 0.78), (1, 0.82, 0.79)],
                   best=BEST, command="python -m fsynth.tune --dataset fashion-mnist")
     _grids(uri, ids["method"], tmp)
@@ -219,8 +228,8 @@ def test_dtd_main_table(written):
     method = next(line for line in lines if line.startswith("| method"))
     assert "static ×2 · protoaug · 16 shots · sd 500/class" in method
     assert "lr=0.0001, wd=0.0005, λ1=0.1, λ2=1" in method and "mode=" not in method
-    assert "| 3 | 75.00 ± 1.00 | 75.00 (seed 0), 76.00 (seed 1), 74.00 (seed 2) | 71.00 | – | 74.5 | +0.50 |" \
-        in method  # no mixing logged: a dash
+    assert "| 3 | 75.00 ± 1.00 | 75.00 (seed 0), 76.00 (seed 1), 74.00 (seed 2) | 71.00 | – | – | 74.5 | +0.50 |" \
+        in method  # no mixing logged, no recognisability: dashes
     assert method.endswith("| `python -m fsynth.tune --dataset dtd --root ~/data` |")
     ce = next(line for line in lines if line.startswith("| real-synthetic-ce"))
     assert "| 74.12 ± – |" in ce and "Table 1: DataDream (per dataset); Table 1: DataDream (per class) = 73.1" in ce
@@ -282,7 +291,10 @@ def test_fashion_mnist_axis_tables(written):
     assert "![real shots and synthetic samples](results/img/fashion-mnist-samples.png)" in text
     # the main table has every sweep, the demo sweep's included, each with its command
     main = [line for line in text.split("### ")[0].splitlines() if line.startswith("| method")]
-    assert len(main) == 7 and all(line.endswith("` |") for line in main)
+    assert len(main) == 9 and all(line.endswith("` |") for line in main)
+    i2i = next(line for line in main if "image-to-image 0.5" in line)
+    assert "outputs static ×2 · paper · 16 shots · ddpm 64/class image-to-image 0.5" in i2i
+    assert "| 60 / 40 | 21 |" not in i2i and "| – | 21 |" in i2i  # no mixing logged for it; 21 % recognised
     assert any(line.endswith("| `python -m fsynth.tune --dataset fashion-mnist` |") for line in main)
 
 
@@ -403,3 +415,24 @@ def test_the_ce_row_at_the_methods_regions_stands_and_one_region_pairs_are_found
     assert ab.loss["real-synthetic-ce"].sweep == "ce"  # not the later single-region run
     assert {b: r.sweep for b, r in ab.one_region.items()} == {"method": "m1", "real-synthetic-ce": "ce1"}
     assert report.ablations([method, ce]).one_region == {}
+
+
+def test_fashion_mnist_feature_and_synthetic_set_tables(written):
+    text = _section(written["results.md"].read_text(), "fashion-mnist")
+    features, part = _table(text, "Region features")
+    assert "method, 16 shots, loss preset paper, static regions K = 2 × classes" in part
+    assert [f.split(" | ")[0] for f in features] == ["| outputs", "| embedding"]  # the method row's first
+    assert features[0].endswith(f"| `{TUNE} --baseline method` |")
+    assert features[1].endswith(f"| 2 | 78.50 ± 0.71 | – | – | – | `{TUNE} --set partition.features=embedding` |")
+    sets, part = _table(text, "Synthetic set")
+    assert "outputs features" in part and "text-to-image" not in part.splitlines()[0]
+    assert [r.split(" | ")[0] for r in sets] == [
+        "| image-to-image 0.5 (21) · real-synthetic-ce", "| image-to-image 0.5 (21) · method",
+        "| text-to-image (13) · real-synthetic-ce", "| text-to-image (13) · method"]
+    assert "| 2 | 83.00 ± 1.41 |" in sets[1] and "| 3 | 77.00 ± 1.00 |" in sets[2]
+    rows = _csv(written["results/fashion-mnist.csv"])
+    method = next(r for (b, label), r in rows.items() if b == "method" and r["sweep"].endswith("-method"))
+    assert (method["features"], method["synthetic"], method["synthetic_recognised"]) == (
+        "outputs", "text-to-image", "13.00")
+    real = next(r for (b, _), r in rows.items() if b == "real-only")
+    assert (real["features"], real["synthetic"], real["synthetic_recognised"]) == ("", "", "")

@@ -200,6 +200,7 @@ def test_smoke_sweep_killed_then_continued_is_tracked_in_mlflow(tmp_path):
             "synthetic/real_shots.png"} <= _artifacts(
         client, parent.info.run_id)
     assert parent.data.metrics["final/seeds"] == 2 and "fsynth.best_values" in parent.data.tags
+    assert 0 <= parent.data.metrics["synthetic/starting_model_accuracy"] <= 1  # the report's recognisability
     assert parent.data.tags["fsynth.command"].endswith("--space smoke --out " + str(out) + " --seeds 2")
     _fixed_space_runs_only_final_seeds(data, out, tmp_path, env, client)
 
