@@ -221,7 +221,7 @@ def run_sweep_and_finals(plan: Plan, space, ctx: sweep.TrialContext, tune_storag
         log(f"sweep {ctx.sweep_id}: {Path(space.path).name} samples nothing; running the final seeds only")
     final_ctx = sweep.with_kind(ctx, "final")
     finals = sweep.restore_or_build(final_ctx, sweep.final_params(values, plan.seeds), settings,
-                                    name=f"{ctx.sweep_id}-final", storage=tune_storage,
+                                    name=sweep.final_name(ctx.sweep_id, plan.seeds), storage=tune_storage,
                                     max_concurrent=max_concurrent, seed=plan.cfg.training.seed, final=True,
                                     log=log).fit()
     sweep.settle_runs(finals, final_ctx)

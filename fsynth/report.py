@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fsynth import tags
+from fsynth import compare, tags
 from fsynth.baselines import BASELINES
 from fsynth.cli import ArgumentParser, run_main, writable_folder
 from fsynth.config import PartitionConfig
@@ -501,14 +501,11 @@ def _names(items: Sequence[str], word: str) -> str:
 
 
 def _compare(method: SweepRow, other: SweepRow) -> tuple[bool | None, str]:
-    """(whether the method's mean test accuracy beats `other`'s by more than the seed std, the numbers); the seed
-    std is the larger sample std of the two rows, None (cannot tell) when both have one seed."""
-    diff = method.test_mean - other.test_mean
-    stds = [s for s in (method.test_std, other.test_std) if s is not None]
-    name = LOSS_LABELS[other.baseline]
-    if not stds:
-        return None, f"{name}: {diff:+.2f} pp, one seed each"
-    return diff > max(stds), f"{name}: {diff:+.2f} pp vs a seed std of {max(stds):.2f} pp"
+    """(whether the method's mean test accuracy beats `other`'s by more than 2 standard errors of the difference,
+    the numbers); see fsynth.compare for the paired and unpaired errors. None: one seed each, cannot tell."""
+    diff = compare.difference(dict(zip(method.seeds, method.tests, strict=True)),
+                              dict(zip(other.seeds, other.tests, strict=True)))
+    return diff.beats(), f"{LOSS_LABELS[other.baseline]}: {diff.text()}"
 
 
 def _measured_line(loss: Mapping[str, SweepRow]) -> str:
@@ -521,8 +518,8 @@ def _measured_line(loss: Mapping[str, SweepRow]) -> str:
 
 
 def loss_verdict(loss: Mapping[str, SweepRow]) -> str:
-    """A sentence saying whether the method beats CE-only and real-only by more than the seed std ("" without the
-    method row or either of the two)."""
+    """A sentence saying whether the method beats CE-only and real-only by 2 standard errors of the difference
+    ("" without the method row or either of the two)."""
     method = loss.get("method")
     others = [loss[b] for b in ("real-synthetic-ce", "real-only") if b in loss]
     if method is None or not others:
@@ -531,11 +528,13 @@ def loss_verdict(loss: Mapping[str, SweepRow]) -> str:
     wins = [name for name, won, _ in results if won is True]
     fails = [name for name, won, _ in results if won is False]
     unknown = [name for name, won, _ in results if won is None]
-    clauses = [f"beats {_names(wins, 'and')} by more than the seed std"] if wins else []
-    clauses += [f"does not beat {_names(fails, 'or')} by more than the seed std"] if fails else []
-    clauses += [f"cannot be told apart from {_names(unknown, 'or')} (a single seed each: no std)"] if unknown else []
+    clauses = [f"beats {_names(wins, 'and')} by more than 2 standard errors"] if wins else []
+    clauses += [f"does not beat {_names(fails, 'or')} by 2 standard errors"] if fails else []
+    clauses += [f"cannot be told apart from {_names(unknown, 'or')} (a row with one seed: no error)"] if unknown else []
     details = "; ".join(detail for _, _, detail in results)
-    return f"**Verdict:** the method {', but '.join(clauses)} ({details}).{_measured_line(loss)}"
+    return (f"**Verdict:** the method {', but '.join(clauses)} (method minus {details}; paired: the mean and "
+            f"standard error of the per-seed differences, a seed giving both runs the same initialisation and data "
+            f"order; unpaired: sqrt(s1²/n1 + s2²/n2)).{_measured_line(loss)}")
 
 
 # --------------------------------------------------------------------------------------------------- rendering

@@ -280,6 +280,13 @@ def best_values(grid, settings: TuneSettings) -> tuple[dict[str, Any], float]:
     return sampled_values(best.config), float(score)
 
 
+def final_name(sweep_id: str, seeds: list[int]) -> str:
+    """The final stage's Tune experiment: keyed by its seeds too, so that a rerun asking other seeds builds the
+    grid it asks for instead of restoring the old one (each seed's Train run still resumes by its own name)."""
+    return f"{sweep_id}-final-seeds{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[0] + len(seeds))) \
+        else f"{sweep_id}-final-seeds{'_'.join(map(str, seeds))}"
+
+
 def final_params(values: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
     """The final stage's param space: the best values fixed, the training seed as a grid."""
     return {**values, "training.seed": ray.tune.grid_search(seeds)}

@@ -41,6 +41,8 @@ if [ "$which" = digits ]; then
   $py scripts/make_digits_folder.py --out runs/data/digits
   dg=(--dataset folder --root runs/data/digits)
   row "${dg[@]}" --baseline zero-shot --seeds 1
-  for baseline in real-only real-synthetic-ce method; do row "${dg[@]}" --baseline "$baseline" --seeds 3; done
+  for baseline in real-only real-synthetic-ce method discrepancy-only robustness-only; do
+    row "${dg[@]}" --baseline "$baseline"
+  done
 fi
 $py -m fsynth.report

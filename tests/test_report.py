@@ -247,10 +247,12 @@ def test_dtd_loss_ablation_and_verdict(written):
                                                      "| + both (method)"]  # absent rows are simply absent
     assert rows[1].startswith("| real + synthetic CE only | yes | no | no | 1 | 74.12 ± – | – | – | – | 74.1 | – |")
     assert rows[2].startswith("| + both (method) | yes | yes | yes | 3 | 75.00 ± 1.00 | – | – | – | 74.5 | `python")
-    # method 75.00 ± 1.00 vs CE 74.12 (one seed) and real-only 73.50 ± 0.71: the larger std is 1.00 pp
-    assert ("**Verdict:** the method beats real only by more than the seed std, but does not beat real + synthetic "
-            "CE only by more than the seed std (real + synthetic CE only: +0.88 pp vs a seed std of 1.00 pp; "
-            "real only: +1.50 pp vs a seed std of 1.00 pp).") in part
+    # method seeds 0-2: 75, 76, 74; CE seed 0: 74.12 (no error); real-only seeds 0-1: 73, 74 (not the same seeds:
+    # unpaired, sqrt(1/3 + 0.5/2) = 0.76, and 1.50 < 2 x 0.76)
+    assert ("**Verdict:** the method does not beat real only by 2 standard errors, but cannot be told apart from "
+            "real + synthetic CE only (a row with one seed: no error) (method minus real + synthetic CE only: +0.88 pp "
+            "(a row with one seed: no error); real only: +1.50 ± 0.76 pp (unpaired; paired over the 2 shared seeds "
+            "+2.00 ± 0.00); paired:") in part
     for omitted in ("### Regions", "### Loss preset", "### Shots", "![", "### Synthetic samples"):
         assert omitted not in text  # fewer than 2 rows, or nothing to draw
 
@@ -266,8 +268,10 @@ def test_fashion_mnist_loss_ablation(written):
     assert "| 0 / 0 ⚠ regularisers saw no synthetic sample |" in rows[3]  # marked: it is CE only in effect
     assert rows[4].startswith("| + both (method) | yes | yes | yes | 3 | 81.00 ± 1.00 | 0.1 | 0.05 | 90 / 60 | – |")
     assert rows[4].endswith(f"| `{TUNE} --baseline method` |")
-    assert ("**Verdict:** the method beats real + synthetic CE only and real only by more than the seed std "
-            "(real + synthetic CE only: +4.00 pp vs a seed std of 1.00 pp; real only: +6.00 pp") in part
+    # the fixture's seeds move in parallel (80, 81, 82 vs 76, 77, 78): a paired error of 0
+    assert ("**Verdict:** the method beats real + synthetic CE only and real only by more than 2 standard errors "
+            "(method minus real + synthetic CE only: +4.00 ± 0.00 pp (paired over 3 seeds; unpaired ± 0.82); "
+            "real only: +6.00 ± 0.00 pp (paired over 3 seeds; unpaired ± 0.82)") in part
     assert ("Final-epoch measured discrepancy / robustness (mean over seeds): method 0.1 / 0.05; "
             "real + synthetic CE only 0.3 / 0.07.") in part
     assert "![Figure 2: measured regularisers per epoch](results/img/fashion-mnist-figure2.png)" in part
@@ -369,11 +373,15 @@ def test_verdict_is_computed():
     method = _row("method", [80.0, 80.5, 81.0])
     ce, real = _row("real-synthetic-ce", [79.0, 80.0, 81.0]), _row("real-only", [70.0])
     verdict = report.loss_verdict({"real-only": real, "real-synthetic-ce": ce, "method": method})
-    assert verdict.startswith("**Verdict:** the method beats real only by more than the seed std, but does not "
-                              "beat real + synthetic CE only by more than the seed std (")
+    assert verdict.startswith("**Verdict:** the method does not beat real + synthetic CE only by 2 standard errors, "
+                              "but cannot be told apart from real only (a row with one seed: no error) (")
+    # per seed 1.0, 0.5, 0.0: +0.50 ± 0.29 paired (0.5 < 2 x 0.29); unpaired sqrt(0.25/3 + 1/3) = 0.65
+    assert "real + synthetic CE only: +0.50 ± 0.29 pp (paired over 3 seeds; unpaired ± 0.65)" in verdict
+    clear = report.loss_verdict({"real-synthetic-ce": ce, "method": _row("method", [80.0, 81.2, 82.1])})
+    assert "beats real + synthetic CE only by more than 2 standard errors" in clear  # +1.10 ± 0.06 paired
     alone = report.loss_verdict({"real-synthetic-ce": _row("real-synthetic-ce", [60.0]), "method": _row("method",
                                                                                                          [61.0])})
-    assert "cannot be told apart from real + synthetic CE only (a single seed each: no std)" in alone
+    assert "cannot be told apart from real + synthetic CE only (a row with one seed: no error)" in alone
     assert report.loss_verdict({"method": method}) == "" and report.loss_verdict({"real-only": real}) == ""
 
 

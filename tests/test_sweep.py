@@ -108,6 +108,13 @@ def test_final_params_fix_the_best_values_and_grid_the_seeds():
     assert params == {"training.lr": 1e-3, "training.seed": ray.tune.grid_search([0, 1, 2])}
 
 
+def test_the_final_stage_is_named_by_its_seeds_so_a_rerun_with_more_seeds_is_not_the_old_grid():
+    # a rerun of a 3-seed command with --seeds 5 once restored the 3-seed Tune experiment and reported 3 seeds
+    names = {sweep.final_name("s1", seeds) for seeds in ([0, 1, 2], [0, 1, 2, 3, 4], [1, 2, 3], [0, 2, 5])}
+    assert len(names) == 4 and all(n.startswith("s1-final") for n in names)
+    assert sweep.final_name("s1", [0, 1, 2]) == sweep.final_name("s1", [0, 1, 2])
+
+
 def test_mlflow_callback_and_child_runs_against_a_real_store(tmp_path):
     uri = tracking.resolve_tracking_uri(str(tmp_path / "mlflow.db"))
     parent = tracking.start_run(uri, "fsynth", "sweep")

@@ -133,7 +133,7 @@ def _trial_states(tune_dir: Path) -> dict[str, str]:
 def _kill_when_a_trial_finishes(proc: subprocess.Popen, out: Path, timeout: float = 900) -> dict[str, str]:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        dirs = [d for d in (out / "tune").glob("*") if not d.name.endswith("-final")] if (out / "tune").is_dir() else []
+        dirs = [d for d in (out / "tune").glob("*") if "-final" not in d.name] if (out / "tune").is_dir() else []
         states = _trial_states(dirs[0]) if dirs else {}
         finished = list(states.values()).count("TERMINATED")
         if finished and (len(states) < 4 or finished < len(states)):  # mid-sweep: some done, some not
