@@ -267,11 +267,17 @@ def restore_or_build(ctx: TrialContext, params: dict, settings: TuneSettings, *,
                        seed=seed, final=final)
 
 
+def error_cause(error: BaseException | None) -> str:
+    """A trial's error as one readable line: its last line, without Ray's terminal colours, cut to 200 chars."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    return (lines[-1] if lines else "no error recorded")[:200]
+
+
 def best_values(grid, settings: TuneSettings) -> tuple[dict[str, Any], float]:
     """The sampled values of the best trial on validation (any epoch of any trial) and its score."""
     finished = [r for r in grid if r.metrics and settings.metric in r.metrics]
     if not finished:
-        errors = [str(r.error).strip().splitlines()[-1] for r in grid if r.error is not None]
+        errors = [error_cause(r.error) for r in grid if r.error is not None]
         raise FsynthError("no trial of the sweep reported " + settings.metric
                           + (f"; first error: {errors[0]}" if errors else "") + "; see the Tune logs above")
     best = grid.get_best_result(metric=settings.metric, mode=settings.mode, scope="all")
@@ -297,7 +303,8 @@ def final_results(grid) -> list[dict]:
     rows = []
     for r in grid:
         if r.metrics is None or "test/accuracy" not in r.metrics:
-            raise FsynthError(f"a final run did not finish ({r.error!s:.200}); rerun the same command to continue")
+            raise FsynthError(f"the final run of seed {r.config.get('training.seed')} did not finish "
+                              f"({error_cause(r.error)}); rerun the same command to continue")
         rows.append({"seed": int(r.config["training.seed"]), "test_accuracy": float(r.metrics["test/accuracy"]),
                      "val_accuracy": float(r.metrics["best/val_accuracy"]),
                      "best_epoch": int(r.metrics["best/epoch"]),
