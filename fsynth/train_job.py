@@ -32,9 +32,6 @@ from torch.utils.data import SequentialSampler
 
 from fsynth.baselines import needs_synthetic
 from fsynth.config import ExperimentConfig, config_from_dict, config_to_dict
-from fsynth.loop import LoopHooks, fit
-from fsynth.stages import build_model, build_regions
-from fsynth.trainset import load_train_data
 
 RESUME = "resume"  # the final checkpoint's copy of the last training state
 
@@ -117,6 +114,13 @@ class _Reporter:
 
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: the inputs named in `config` through `fsynth.loop.fit` (see `build_trainer`)."""
+    # Imported here, in the worker only: the Tune trial and the Train controller import this module too (to build
+    # the trainer, to unpickle this function) and need none of the loop, models, open_clip or the data stack,
+    # ~3-4 s of CPU in each of those two processes per Train run (tests/test_layering.py keeps it so).
+    from fsynth.loop import LoopHooks, fit
+    from fsynth.stages import build_model, build_regions
+    from fsynth.trainset import load_train_data
+
     cfg = config_from_dict(config["config"])
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
     context = ray.train.get_context()
