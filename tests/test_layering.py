@@ -67,8 +67,8 @@ def test_blocker_really_blocks():
 
 def test_the_trial_and_controller_side_of_training_imports_no_loop_models_or_open_clip():
     """A Tune trial and a Train controller import fsynth.sweep / fsynth.train_job (to build the trainer, to unpickle
-    the worker's function and callbacks); three such processes start per Train run, so they stay light: the loop,
-    the models and open_clip are imported by the Train worker alone."""
+    the worker's function and callbacks), two processes per Train run beside its worker, so they stay light: the
+    loop, the models and open_clip are imported by the Train worker alone."""
     script = ("import sys, fsynth.sweep, fsynth.train_job\n"
               "heavy = ('fsynth.loop', 'fsynth.models', 'fsynth.stages', 'fsynth.trainset', 'open_clip', 'timm')\n"
               "print(sorted(m for m in heavy if m in sys.modules))\n")

@@ -63,6 +63,6 @@ def test_bad_spaces_fail_before_any_trial(tmp_path, body, expected):
 
 
 def test_missing_space_lists_the_shipped_ones(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist; choose one of ablation, default, demo, evidence, evidence-lambda, "
-                                          "fashion-mnist, lightweight, smoke, stanford_cars"):
+    with pytest.raises(ConfigError, match="does not exist; choose one of ablation, default, demo, evidence, "
+                                          "evidence-lambda, fashion-mnist, lightweight, smoke, stanford_cars"):
         load_space(tmp_path / "nope.yaml")
