@@ -1,5 +1,5 @@
 """The stages before training: few-shot data on disk, the classifier, the static regions (cached), and
-`setup_run`, the one set-up of a run (data -> model -> regions) every runner calls, with its name."""
+`setup_run`, the one set-up of a run (data -> model -> regions) every runner calls."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from fsynth.augment import build_eval_transform
 from fsynth.baselines import needs_synthetic
 from fsynth.batch_regions import uses_outputs
 from fsynth.cache import content_key
-from fsynth.config import ExperimentConfig, config_to_dict
+from fsynth.config import ExperimentConfig
 from fsynth.data.fewshot import build_fewshot, write_manifest
 from fsynth.data.records import Sample, load_image
 from fsynth.data.registry import load_dataset
@@ -119,19 +119,6 @@ def build_regions(cfg: ExperimentConfig, data: TrainData, model: torch.nn.Module
     return ensure_regions(cache_dir, key, compute).lookup
 
 
-def _absolute(path: str | Path) -> str:
-    text = str(path)
-    return text if "://" in text else str(Path(text).expanduser().resolve())
-
-
-def run_name(cfg: ExperimentConfig, fewshot_dir: str | Path, synthetic_manifest: str | Path | None) -> str:
-    """The one name of a run, `<dataset>-<baseline>-<12 hex>`, a content key of its config and inputs: the same
-    run started again (by `python -m fsynth.train` or Ray Train) finds its own folder and resumes there."""
-    key = {"config": config_to_dict(cfg), "fewshot": _absolute(fewshot_dir),
-           "synthetic": _absolute(synthetic_manifest) if synthetic_manifest else None}
-    return f"{cfg.data.dataset}-{cfg.name}-{content_key(key, 12)}"
-
-
 @dataclass
 class RunSetup:
     """What `fit` is given: the run's data, its starting classifier and its static regions (None: none needed)."""
@@ -142,12 +129,14 @@ class RunSetup:
 
 
 def setup_run(cfg: ExperimentConfig, fewshot_dir: str | Path, synthetic_manifest: str | Path | None,
-              cache_dir: str | Path, device: torch.device | None = None) -> RunSetup:
+              cache_dir: str | Path, device: torch.device | None = None, check: bool = True) -> RunSetup:
     """Data -> model -> regions for one run of `cfg`: the synthetic set is read only when the baseline trains on
-    it, a partition that cannot fit the images is refused before the model is built, and the static regions are
-    built once and cached under `cache_dir`."""
+    it, a partition that cannot fit the images is refused before the model is built (`check`; Ray's workers and
+    region tasks leave it to the driver, which checks every partition a sweep can give before Ray starts), and
+    the static regions are built once and cached under `cache_dir`."""
     synthetic = str(synthetic_manifest) if synthetic_manifest and needs_synthetic(cfg) else None
     data = load_train_data(fewshot_dir, synthetic)
-    check_regions(cfg, data.num_classes, len(data.real), len(data.synthetic))  # before the model: in seconds
+    if check:  # before the model: in seconds
+        check_regions(cfg, data.num_classes, len(data.real), len(data.synthetic))
     model = build_model(cfg, data, device)
     return RunSetup(data, model, build_regions(cfg, data, model, cache_dir))

@@ -15,7 +15,8 @@ from fsynth.config import ExperimentConfig, build_config, save_config
 from fsynth.errors import ConfigError
 from fsynth.loop import FitResult, fit, pick_device
 from fsynth.models import check_model
-from fsynth.stages import ensure_fewshot, run_name, setup_run
+from fsynth.names import run_name
+from fsynth.stages import ensure_fewshot, setup_run
 
 
 def build_parser() -> argparse.ArgumentParser:

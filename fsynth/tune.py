@@ -12,6 +12,7 @@ import argparse
 import shlex
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 from fsynth.baselines import BASELINES
 from fsynth.cli import ArgumentParser, run_main
@@ -50,10 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from fsynth.jobs.experiment import run_tune
+    args = build_parser().parse_args(argv)
+    from fsynth.jobs.plan import resolve
     from fsynth.secrets import redact
 
-    run_tune(build_parser().parse_args(argv), command=redact(shlex.join(["python", "-m", "fsynth.tune", *argv])))
+    plan = replace(resolve(args), command=redact(shlex.join(["python", "-m", "fsynth.tune", *argv])))
+    from fsynth.jobs.experiment import run_tune  # Ray, torch and the models: imported once the plan stands
+
+    run_tune(plan, args)
     return 0
 
 

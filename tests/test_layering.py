@@ -186,8 +186,13 @@ def test_blocker_really_blocks():
 def test_the_trial_and_controller_side_of_training_imports_no_loop_models_or_open_clip():
     """A Tune trial and a Train controller import fsynth.jobs.sweep / fsynth.jobs.training (to build the trainer,
     to unpickle the worker's function and callbacks), two processes per Train run beside its worker, so they stay
-    light: the loop, the models and open_clip are imported by the Train worker alone."""
+    light, at import and when they name a Train run: the loop, the models and open_clip are imported by the Train
+    worker alone."""
     script = ("import sys, fsynth.jobs.sweep, fsynth.jobs.training\n"
+              "from fsynth.config import build_config\n"
+              "cfg = build_config('embedded')\n"  # and what a trial calls: naming its Train run
+              "name = fsynth.jobs.training.job_name(cfg, fewshot_dir='/a', synthetic_manifest='/b')\n"
+              "assert name.startswith(cfg.data.dataset + '-'), name\n"
               "heavy = ('fsynth.loop', 'fsynth.models', 'fsynth.stages', 'fsynth.trainset', 'open_clip', 'timm')\n"
               "print(sorted(m for m in heavy if m in sys.modules))\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

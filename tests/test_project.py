@@ -49,13 +49,13 @@ def test_readme_run_command_is_the_main_job_on_the_embedded_default(tmp_path):
     measured in docs/results, and tests/test_tune.py runs the same job end to end on tiny models; here its
     arguments resolve to the demo sweep and its first stage (the few-shot data) runs on Debian's Fashion-MNIST."""
     from fsynth import tune
-    from fsynth.jobs import experiment
+    from fsynth.jobs import plan as plan_module
     from fsynth.stages import ensure_fewshot
 
     run_cmd = readme_commands()[0].split("&& ", 1)[1].replace("HF_HUB_OFFLINE=1 ", "")
     interpreter, module_flag, module, *args = run_cmd.split()
     assert interpreter == ".venv/bin/python" and (module_flag, module) == ("-m", "fsynth.tune")
-    plan = experiment.resolve(tune.build_parser().parse_args([*args, "--out", str(tmp_path)]))
+    plan = plan_module.resolve(tune.build_parser().parse_args([*args, "--out", str(tmp_path)]))
     assert plan.cfg.data.dataset == "fashion-mnist" and plan.cfg.model.arch == "efficientnet-lite0"
     assert plan.cfg.generator.backend == "ddpm" and plan.cfg.generator.images_per_class == 64
     assert Path(plan.space.path).stem in ("demo", "fashion-mnist") and len(plan.seeds) == 3

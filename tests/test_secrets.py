@@ -39,6 +39,6 @@ def test_the_sweep_command_tag_is_redacted(monkeypatch):
     from fsynth.jobs import experiment
 
     seen = {}
-    monkeypatch.setattr(experiment, "run_tune", lambda args, command: seen.setdefault("command", command))
+    monkeypatch.setattr(experiment, "run_tune", lambda plan, args: seen.setdefault("command", plan.command))
     tune.main(["--dataset", "fashion-mnist", "--tracking-uri", URI])
     assert seen["command"].endswith("--tracking-uri http://alice:***@mlflow.internal:5000")

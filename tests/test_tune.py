@@ -183,3 +183,15 @@ def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
     for info in client.list_artifacts(run_id, path):
         found |= _artifacts(client, run_id, info.path) if info.is_dir else {info.path}
     return found
+
+
+def test_help_and_a_bad_flag_answer_before_ray_torch_or_the_models_load():
+    """The plan is resolved before the job stack is imported: --help, a bad flag and a bad --set answer in seconds."""
+    script = ("import sys\nfrom fsynth import tune\nfrom fsynth.cli import run_main\n"
+              "code = run_main(tune.main, ['--dataset', 'fashion-mnist', '--seeds', '0', '--out', sys.argv[1]])\n"
+              "heavy = ('ray', 'torch', 'open_clip', 'fsynth.models', 'fsynth.jobs.experiment')\n"
+              "print(code, sorted(m for m in heavy if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", script, "/tmp/fsynth-test-out"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.strip() == "2 []", result.stdout + result.stderr[-2000:]
+    assert "--seeds must be at least 1" in result.stderr

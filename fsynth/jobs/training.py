@@ -29,20 +29,14 @@ import torch
 from torch.utils.data import SequentialSampler
 
 from fsynth.config import ExperimentConfig, config_from_dict, config_to_dict
+from fsynth.names import absolute as _absolute
+from fsynth.names import run_name
 
 RESUME = "resume"  # the final checkpoint's copy of the last training state
 
 
-def _absolute(path: str | Path) -> str:
-    text = str(path)
-    return text if "://" in text else str(Path(text).expanduser().resolve())
-
-
 def job_name(cfg: ExperimentConfig, *, fewshot_dir: str | Path, synthetic_manifest: str | Path | None) -> str:
-    """A deterministic run name, unique per config and inputs (reusing it resumes that run): fsynth.stages.run_name,
-    imported here and not at module level (see train_loop_per_worker)."""
-    from fsynth.stages import run_name
-
+    """A deterministic run name, unique per config and inputs (reusing it resumes that run): fsynth.names.run_name."""
     return run_name(cfg, fewshot_dir, synthetic_manifest)
 
 
@@ -123,7 +117,7 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     world, chief = context.get_world_size(), context.get_world_rank() == 0
     device = ray.train.torch.get_device()
-    run = setup_run(cfg, config["fewshot_dir"], config["synthetic_manifest"], config["cache_dir"], device)
+    run = setup_run(cfg, config["fewshot_dir"], config["synthetic_manifest"], config["cache_dir"], device, check=False)
     local = Path(tempfile.mkdtemp(prefix="fsynth-train-"))
     try:
         resume = _resume_dir(ray.train.get_checkpoint(), local)

@@ -1,4 +1,4 @@
-"""fsynth.jobs.experiment's plan: the config, space, seeds and paths a `python -m fsynth.tune` command resolves to,
+"""fsynth.jobs.plan: the config, space, seeds and paths a `python -m fsynth.tune` command resolves to,
 bad input refused before Ray starts, and the summary's regions line."""
 
 from pathlib import Path
@@ -8,11 +8,11 @@ import pytest
 from fsynth import tune
 from fsynth.config import build_config
 from fsynth.errors import ConfigError
-from fsynth.jobs import experiment
+from fsynth.jobs import plan as plan_module
 
 
-def resolve(*argv: str) -> experiment.Plan:
-    return experiment.resolve(tune.build_parser().parse_args(["--out", "/tmp/fsynth-test-out", *argv]))
+def resolve(*argv: str) -> plan_module.Plan:
+    return plan_module.resolve(tune.build_parser().parse_args(["--out", "/tmp/fsynth-test-out", *argv]))
 
 
 def test_the_dataset_space_and_preset_are_picked_and_flags_win():
@@ -60,17 +60,17 @@ def test_the_summary_names_the_regions_and_the_mixing():
     cfg = build_config("embedded")
     rows = [{"mixing/synthetic_in_mixed": 0.5, "mixing/batch_synthetic_in_t": 0.25},
             {"mixing/synthetic_in_mixed": 0.7, "mixing/batch_synthetic_in_t": 0.35}]
-    assert experiment.regions_line(cfg, rows) == ("regions: static regions, outputs features, K = 2 x classes; mixing: "
-                                            "60 % of synthetic samples in a region with a real one, 30 % with one "
-                                            "in their batch (last epoch, seed mean)")
-    assert "mixing: - " in experiment.regions_line(cfg, [{}])
+    assert plan_module.regions_line(cfg, rows) == (
+        "regions: static regions, outputs features, K = 2 x classes; mixing: 60 % of synthetic samples in a region "
+        "with a real one, 30 % with one in their batch (last epoch, seed mean)")
+    assert "mixing: - " in plan_module.regions_line(cfg, [{}])
 
 
 def test_partition_variants_cover_the_grid():
-    variants = experiment.partition_variants(resolve("--dataset", "dtd"))
+    variants = plan_module.partition_variants(resolve("--dataset", "dtd"))
     assert variants == [{"partition.mode": "static", "partition.cluster_multiple": m} for m in (1.0, 2.0, 4.0)] + [
         {"partition.mode": "single", "partition.cluster_multiple": 1.0}]
-    assert experiment.partition_variants(resolve("--dataset", "eurosat", "--space", "lightweight")) == [
+    assert plan_module.partition_variants(resolve("--dataset", "eurosat", "--space", "lightweight")) == [
         {"partition.cluster_multiple": m} for m in (1.0, 2.0, 4.0)]
 
 
