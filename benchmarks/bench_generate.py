@@ -75,7 +75,7 @@ def timed_direct(cfg, artefact, table, out: Path, threads: int) -> float:
 
 
 def timed_ray(cfg, artefact, table, out: Path, actors: int) -> float:
-    from fsynth.generate_job import run_groups_on_ray
+    from fsynth.jobs.generation import run_groups_on_ray
 
     groups = missing_groups(table, out)
     start = time.perf_counter()

@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from fsynth.cache import publish_dir
 from fsynth.config import ExperimentConfig, config_to_dict, save_config
 from fsynth.errors import FsynthError
 from fsynth.models import load_adapters, save_adapters
 
-if TYPE_CHECKING:
-    from fsynth.loop import TrainState
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides the model: progress, the best model so far and the history."""
+
+    epoch: int = -1  # last finished epoch
+    step: int = 0
+    best_epoch: int = -1
+    best_val_accuracy: float = -math.inf
+    best_adapters: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -38,45 +47,32 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _atomic_dir(final: Path) -> Path:
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _publish(tmp: Path, final: Path) -> str:
-    if final.exists():  # an older copy of the same epoch (e.g. a rerun): replace it whole
-        shutil.rmtree(final)
-    tmp.rename(final)
-    return str(final)
-
-
 def save(directory: str | Path, model, optimizer, scheduler, partitioner, state: TrainState,
          cfg: ExperimentConfig) -> str:
-    """Write a resumable checkpoint directory; a reader never sees a half-written one."""
-    final = Path(directory)
-    tmp = _atomic_dir(final)
-    save_adapters(model, tmp / "adapters.safetensors")
-    if state.best_adapters:
-        save_file({k: v.contiguous() for k, v in state.best_adapters.items()}, str(tmp / "best.safetensors"))
-    meta = {"epoch": state.epoch, "step": state.step, "best_epoch": state.best_epoch,
-            "best_val_accuracy": state.best_val_accuracy, "history": state.history,
-            "config": config_to_dict(cfg)}
-    if optimizer is not None:
-        tensors, meta["optimizer"] = _flatten_optimizer(optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        meta["scheduler"] = scheduler.state_dict()
-    if partitioner is not None:
-        save_file({k: v.contiguous() for k, v in partitioner.state_dict().items()},
-                  str(tmp / "partitioner.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(meta))
-    return _publish(tmp, final)
+    """Write a resumable checkpoint directory; a reader never sees a half-written one (an older copy of the same
+    epoch, e.g. from a rerun, is replaced whole)."""
+
+    def fill(tmp: Path) -> None:
+        save_adapters(model, tmp / "adapters.safetensors")
+        if state.best_adapters:
+            save_file({k: v.contiguous() for k, v in state.best_adapters.items()}, str(tmp / "best.safetensors"))
+        meta = {"epoch": state.epoch, "step": state.step, "best_epoch": state.best_epoch,
+                "best_val_accuracy": state.best_val_accuracy, "history": state.history,
+                "config": config_to_dict(cfg)}
+        if optimizer is not None:
+            tensors, meta["optimizer"] = _flatten_optimizer(optimizer)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            meta["scheduler"] = scheduler.state_dict()
+        if partitioner is not None:
+            save_file({k: v.contiguous() for k, v in partitioner.state_dict().items()},
+                      str(tmp / "partitioner.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta))
+
+    return str(publish_dir(directory, fill))
 
 
 def load(directory: str | Path, model, optimizer, scheduler, partitioner) -> TrainState:
     """Restore model, optimiser, schedule and partitioner from `save`'s directory; return the progress."""
-    from fsynth.loop import TrainState
 
     directory = Path(directory)
     if not (directory / "state.json").is_file():
@@ -105,11 +101,12 @@ def latest(workdir: str | Path) -> Path | None:
 def save_final(directory: str | Path, model, cfg: ExperimentConfig, confusion: np.ndarray | None) -> str:
     """The final model of a run: adapters + head (safetensors), the resolved config, the test confusion matrix
     ([C, C] counts, rows true class; None when the run was not tested, e.g. a sweep trial)."""
-    final = Path(directory)
-    tmp = _atomic_dir(final)
-    save_adapters(model, tmp / "adapters.safetensors", metadata={"arch": cfg.model.arch,
-                                                                 "pretrained": cfg.model.pretrained})
-    save_config(cfg, tmp / "config.yaml")
-    if confusion is not None:
-        np.savetxt(tmp / "confusion_test.csv", confusion, fmt="%d", delimiter=",")
-    return _publish(tmp, final)
+
+    def fill(tmp: Path) -> None:
+        save_adapters(model, tmp / "adapters.safetensors", metadata={"arch": cfg.model.arch,
+                                                                     "pretrained": cfg.model.pretrained})
+        save_config(cfg, tmp / "config.yaml")
+        if confusion is not None:
+            np.savetxt(tmp / "confusion_test.csv", confusion, fmt="%d", delimiter=",")
+
+    return str(publish_dir(directory, fill))

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
+from fsynth.cache import atomic_write_bytes
 from fsynth.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -238,7 +239,7 @@ class ResourcesConfig:
 class TrackingConfig:
     """Where runs and artefacts go."""
 
-    storage: str = ""  # "" = ./runs resolved to an absolute path; or s3://...
+    storage: str = ""  # where the default sqlite store lives ("" = the command's --out, e.g. ./runs)
     uri: str = ""  # "" = sqlite:///<storage>/mlflow.db
     experiment: str = "fsynth"
 
@@ -455,12 +456,7 @@ def build_config(
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML; `load_config` reads it back to an equal object."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
-    return path
+    return atomic_write_bytes(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
@@ -473,4 +469,20 @@ def with_values(cfg: ExperimentConfig, values: dict[str, Any]) -> ExperimentConf
     data = config_to_dict(cfg)
     for key, value in values.items():
         data = merge(data, _nest(key, value))
+    return config_from_dict(data)
+
+
+def config_from_params(params: typing.Mapping[str, str]) -> ExperimentConfig:
+    """The config a run was logged with, rebuilt from its params: `flatten_config`'s keys, each value the string a
+    tracker logs (str() of a scalar, JSON of a list), read as a `--set` value, but a text field's string taken as
+    it is (YAML would read 'yes' or '1' as a bool or an int). Keys the run lacks keep the config's defaults."""
+    defaults = flatten_config(ExperimentConfig())
+    data: dict = {}
+    for key, text in params.items():
+        if key not in defaults:
+            # Reading back a store, not writing a config: a run logged by another fsynth version may carry a key
+            # this config no longer has (renamed or removed); it tells nothing about this version's fields.
+            continue
+        text = str(text)
+        data = merge(data, _nest(key, text) if isinstance(defaults[key], str) else parse_override(f"{key}={text}"))
     return config_from_dict(data)

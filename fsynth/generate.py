@@ -74,12 +74,9 @@ def run_generate(args: argparse.Namespace) -> Path:
     if args.direct:
         manifest = run_generation_direct(cfg, fewshot, out, pick_device(), log=_print)
     else:
-        import ray
+        from fsynth.jobs.generation import run_generation_on_ray
 
-        from fsynth.generate_job import run_generation_job
-
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, ignore_reinit_error=True)
-        manifest = run_generation_job(cfg, fewshot, out, actors=args.actors, log=_print)
+        manifest = run_generation_on_ray(cfg, fewshot, out, os.environ.get("RAY_ADDRESS"), args.actors, log=_print)
     if not args.no_quality:
         ensure_quality(cfg, fewshot, manifest, pick_device(), log=_print)
     print(f"manifest: {manifest}", flush=True)

@@ -1,6 +1,6 @@
 """From a config to a synthetic set, without Ray: the generator artefact, the backend, the prompt table, a direct run.
 
-The Ray Data job (fsynth.generate_job) uses the same pieces and only replaces `run_groups_direct` by an actor pool.
+The Ray Data job (fsynth.jobs.generation) uses the same pieces and only replaces `run_groups_direct` by an actor pool.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def build_generator(g: GeneratorConfig, artefact: str | Path | None, device: str
         if artefact is None:
             raise FsynthError("the ddpm backend needs a trained generator; make it with ensure_generator_artefact")
         return DDPMBackend(load_generator(artefact), steps=g.steps, device=device, sources=sources)
-    from fsynth.generators.sd import build_sd_generator
+    from fsynth.generators.sd_build import build_sd_generator
 
     return build_sd_generator(g, device=device, lora_path=str(artefact) if artefact else None, sources=sources)
 

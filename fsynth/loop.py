@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsynth import checkpoints
-from fsynth.augment import build_eval_transform, build_train_transform, mix_within_domains
+from fsynth.augment import Transform, build_eval_transform, build_train_transform, mix_within_domains
 from fsynth.batch_regions import (
     MixingCounter,
     dataset_features,
@@ -27,6 +27,7 @@ from fsynth.batch_regions import (
     refits,
     uses_outputs,
 )
+from fsynth.checkpoints import TrainState
 from fsynth.config import ExperimentConfig
 from fsynth.evaluate import EvalResult, evaluate
 from fsynth.loss import LossOutput, regularized_loss, synthetic_only_loss
@@ -93,18 +94,6 @@ def compute_loss(cfg: ExperimentConfig, data: TrainData, logits: torch.Tensor, t
 
 
 @dataclass
-class TrainState:
-    """What a checkpoint restores besides the model: progress, the best model so far and the history."""
-
-    epoch: int = -1  # last finished epoch
-    step: int = 0
-    best_epoch: int = -1
-    best_val_accuracy: float = -math.inf
-    best_adapters: dict = field(default_factory=dict)
-    history: list[dict] = field(default_factory=list)
-
-
-@dataclass
 class _Run:
     """What every batch of a run needs besides the batch: the config, the model and its optimisation, regions."""
 
@@ -112,16 +101,21 @@ class _Run:
     data: TrainData
     model: nn.Module  # possibly a DDP wrapper (the encoder is then its `.module`'s)
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None  # set by `fit` once the steps are known
     scaler: torch.amp.GradScaler
     dtype: torch.dtype | None
     device: torch.device
     hooks: LoopHooks
+    base: nn.Module  # the model itself, never wrapped: its adapters are saved, restored and evaluated
+    plain: ImageSet  # real ∪ synthetic once, without augmentation (the centroids' start, Figure 2)
+    eval_tf: Transform
+    workdir: Path
     partitioner: OnlinePartitioner | None = None
     # Prediction-space refits: the latest training output of every epoch item [N_items, C] and, for each sample of
     # real ∪ synthetic, the item position whose output stands for it.
     latest: torch.Tensor | None = None
     representative: np.ndarray | None = None
+    warned: bool = False  # the zero-mixing warning was printed
 
 
 def _gather(hooks: LoopHooks, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -185,10 +179,11 @@ def _train_epoch(run: _Run, loader, gen: torch.Generator) -> dict:
 
 
 @torch.no_grad()
-def measure_regularisers(cfg, data, model, dataset, device, dtype, partitioner) -> dict:
+def measure_regularisers(run: _Run) -> dict:
     """The discrepancy and robustness terms on the training set, without lambda (the paper's Figure 2)."""
+    cfg, data, model, device, dtype, partitioner = run.cfg, run.data, run.base, run.device, run.dtype, run.partitioner
     model.eval()
-    loader = make_loader(dataset, cfg.training.batch_size, shuffle=True, seed=cfg.training.seed, workers=0)
+    loader = make_loader(run.plain, cfg.training.batch_size, shuffle=True, seed=cfg.training.seed, workers=0)
     sums, batches = {"discrepancy": 0.0, "robustness": 0.0}, 0
     amp = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     for batch in loader:
@@ -238,38 +233,26 @@ def fit(cfg: ExperimentConfig, data: TrainData, model: nn.Module, report: Report
     after every epoch and once more with the test metrics. `resume_from` is a checkpoint directory of this loop.
     """
     hooks, device = hooks or LoopHooks(), device or pick_device()
-    workdir = Path(workdir).resolve()
     torch.manual_seed(cfg.training.seed)
-    model = model.to(device)
-    dtype, t = amp_dtype(cfg, device), cfg.training
+    t = cfg.training
     items, flags = epoch_items(cfg, data)
-    real, synthetic = (data.real if t.use_real else []), (data.synthetic if t.use_synthetic else [])
     lookup = regions or (lambda ids: np.zeros(len(ids), dtype=np.int64))
-    mean, std, size = model.mean, model.std, model.image_size
-    train_set = ImageSet(items, flags, lookup([s.id for s in items]), build_train_transform(size, mean, std, t.augment))
-    eval_tf = build_eval_transform(size, mean, std)
-    # Each training sample once, without augmentation: for the centroids' start and for Figure 2.
-    plain_samples = real + synthetic
-    plain = ImageSet(plain_samples, np.array([False] * len(real) + [True] * len(synthetic), dtype=bool),
-                     lookup([s.id for s in plain_samples]), eval_tf)
-    val_loader = _eval_loader(data.val, eval_tf, t)
+    run = _start_run(cfg, data, model.to(device), lookup, Path(workdir).resolve(), device, hooks)
+    train_set = ImageSet(items, flags, lookup([s.id for s in items]),
+                         build_train_transform(model.image_size, model.mean, model.std, t.augment))
     steps_per_epoch = math.ceil(len(items) / t.batch_size) if items else 0
-    params = list(model.trainable_parameters())
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay) if params else None
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, t.epochs * steps_per_epoch),
-                                                            eta_min=t.min_lr) if optimizer else None)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    run = _Run(cfg, data, model, optimizer, scheduler, scaler, dtype, device, hooks)
+    run.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(
+        run.optimizer, T_max=max(1, t.epochs * steps_per_epoch), eta_min=t.min_lr) if run.optimizer else None)
     if items and t.epochs > 0:
-        run.partitioner = _build_partitioner(cfg, data, model, plain, device, hooks)
+        run.partitioner = _build_partitioner(cfg, data, run.base, run.plain, device, hooks)
         if refits(cfg):  # online regions never refit: they would record outputs for nothing
             run.latest = torch.zeros(len(items), data.num_classes)
-            run.representative = _representatives(items, plain_samples)
+            run.representative = _representatives(items, list(run.plain.samples))
     state = TrainState()
     if resume_from is not None:
-        state = checkpoints.load(resume_from, model, optimizer, scheduler, run.partitioner)
-    run.model = hooks.prepare_model(model)
-    warned = False
+        state = checkpoints.load(resume_from, run.base, run.optimizer, run.scheduler, run.partitioner)
+    run.model = hooks.prepare_model(run.base)
+    val_loader = _eval_loader(data.val, run.eval_tf, t)
     for epoch in range(state.epoch + 1, t.epochs if items else 0):
         seed = epoch_seed(t.seed, epoch)
         torch.manual_seed(seed)
@@ -278,27 +261,60 @@ def fit(cfg: ExperimentConfig, data: TrainData, model: nn.Module, report: Report
         metrics = _train_epoch(run, loader, torch.Generator().manual_seed(seed))
         if refit_due(cfg, epoch):  # before the checkpoint, so a resumed run replays the refitted regions
             _refit(run)
-        val = evaluate(model, val_loader, data.num_classes, device, dtype)
-        metrics.update({"epoch": epoch, "lr": scheduler.get_last_lr()[0], "val/accuracy": val.accuracy,
-                        "val/loss": val.loss})
-        if t.measure_regularisers and synthetic and real:
-            metrics.update(measure_regularisers(cfg, data, model, plain, device, dtype, run.partitioner))
-        warning = no_mixing_warning(cfg, metrics) if hooks.is_chief and not warned else None
-        if warning:
-            hooks.log(warning)
-            warned = True
-        if val.accuracy > state.best_val_accuracy:
-            state.best_val_accuracy, state.best_epoch = val.accuracy, epoch
-            state.best_adapters = copy.deepcopy(model.adapter_state_dict())
-        state.epoch, state.step = epoch, state.step + steps_per_epoch
-        state.history.append(metrics)
+        metrics.update(_validate(run, val_loader, epoch))
+        _warn_once(run, metrics)
+        _keep_best(run, state, metrics, epoch, steps_per_epoch)
         due = (epoch + 1) % max(1, t.checkpoint_every) == 0 or epoch == t.epochs - 1
         ckpt = None
         if due and hooks.is_chief:
-            ckpt = checkpoints.save(workdir / "checkpoints" / f"epoch_{epoch:04d}", model, optimizer, scheduler,
-                                    run.partitioner, state, cfg)
+            ckpt = checkpoints.save(run.workdir / "checkpoints" / f"epoch_{epoch:04d}", run.base, run.optimizer,
+                                    run.scheduler, run.partitioner, state, cfg)
         report(metrics, ckpt)
-    return _finish(cfg, data, model, report, state, workdir, eval_tf, device, dtype, hooks)
+    return _finish(run, report, state)
+
+
+def _start_run(cfg: ExperimentConfig, data: TrainData, model: nn.Module, lookup: Callable, workdir: Path,
+               device: torch.device, hooks: LoopHooks) -> _Run:
+    """The run's state before its first epoch: optimiser (its schedule is set by `fit`), precision, the plain set."""
+    t = cfg.training
+    dtype = amp_dtype(cfg, device)
+    real, synthetic = (data.real if t.use_real else []), (data.synthetic if t.use_synthetic else [])
+    eval_tf = build_eval_transform(model.image_size, model.mean, model.std)
+    plain_samples = real + synthetic
+    plain = ImageSet(plain_samples, np.array([False] * len(real) + [True] * len(synthetic), dtype=bool),
+                     lookup([s.id for s in plain_samples]), eval_tf)
+    params = list(model.trainable_parameters())
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay) if params else None
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return _Run(cfg, data, model, optimizer, None, scaler, dtype, device, hooks, model, plain, eval_tf, workdir)
+
+
+def _validate(run: _Run, val_loader, epoch: int) -> dict:
+    """An epoch's validation figures and its measured regularisers (when asked)."""
+    val = evaluate(run.base, val_loader, run.data.num_classes, run.device, run.dtype)
+    metrics = {"epoch": epoch, "lr": run.scheduler.get_last_lr()[0], "val/accuracy": val.accuracy,
+               "val/loss": val.loss}
+    t = run.cfg.training
+    if t.measure_regularisers and t.use_real and t.use_synthetic and run.data.real and run.data.synthetic:
+        metrics.update(measure_regularisers(run))
+    return metrics
+
+
+def _warn_once(run: _Run, metrics: dict) -> None:
+    """The chief's one-line warning, at most once per `fit`, when the regularisers saw no synthetic sample."""
+    warning = no_mixing_warning(run.cfg, metrics) if run.hooks.is_chief and not run.warned else None
+    if warning:
+        run.hooks.log(warning)
+        run.warned = True
+
+
+def _keep_best(run: _Run, state: TrainState, metrics: dict, epoch: int, steps_per_epoch: int) -> None:
+    """Record the epoch in `state`; keep a copy of the adapters when validation improved."""
+    if metrics["val/accuracy"] > state.best_val_accuracy:
+        state.best_val_accuracy, state.best_epoch = metrics["val/accuracy"], epoch
+        state.best_adapters = copy.deepcopy(run.base.adapter_state_dict())
+    state.epoch, state.step = epoch, state.step + steps_per_epoch
+    state.history.append(metrics)
 
 
 def _eval_set(samples, transform) -> ImageSet:
@@ -312,9 +328,10 @@ def _eval_loader(samples, transform, t):
                        workers=t.loader_workers)
 
 
-def _finish(cfg, data, model, report, state, workdir, eval_tf, device, dtype, hooks) -> FitResult:
+def _finish(run: _Run, report: Report, state: TrainState) -> FitResult:
     """Restore the best-on-validation adapters, evaluate on test once (unless training.evaluate_test is off, as in
     sweep trials), report, and save the final adapters."""
+    cfg, data, model, device, dtype, eval_tf = run.cfg, run.data, run.base, run.device, run.dtype, run.eval_tf
     if state.best_adapters:
         model.load_adapter_state_dict(state.best_adapters)
     t = cfg.training
@@ -322,8 +339,8 @@ def _finish(cfg, data, model, report, state, workdir, eval_tf, device, dtype, ho
     test = evaluate(model, _eval_loader(data.test, eval_tf, t), data.num_classes, device, dtype) \
         if t.evaluate_test else None
     final = None
-    if hooks.is_chief:
-        final = checkpoints.save_final(workdir / "final", model, cfg, test.confusion if test else None)
+    if run.hooks.is_chief:
+        final = checkpoints.save_final(run.workdir / "final", model, cfg, test.confusion if test else None)
     metrics = {"best/epoch": state.best_epoch, "best/val_accuracy": val.accuracy, "epoch": state.epoch}
     # The last epoch's mixing rides along, so a runner's result (Tune's summary) can say what the regularisers saw.
     metrics.update({k: v for k, v in (state.history[-1] if state.history else {}).items() if k.startswith("mixing/")})

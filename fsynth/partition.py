@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fsynth.cache import ensure_built
+from fsynth.cache import content_key, ensure_built, publish_dir
 from fsynth.errors import FsynthError
 
 MODES = ("static", "online", "single")
@@ -362,17 +358,11 @@ def _dumps(obj: Any, **kwargs: Any) -> str:
 
 
 def cache_key(parts: dict) -> str:
-    """sha256 hex digest of the canonical JSON (sorted keys) of everything that determines an artefact."""
-    return hashlib.sha256(_dumps(parts, separators=(",", ":")).encode()).hexdigest()
+    """sha256 hex digest (all 64 hex) of the canonical JSON (sorted keys) of everything that determines an artefact.
 
-
-def _fsync(path: Path) -> None:
-    """Flush a file or a directory entry list to disk, so a published directory survives a crash complete."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    The compact separators and the strict `_jsonable` fallback are part of the key: the text is built here and
+    passed to `content_key` as is, so the keys of caches already on disk keep their value."""
+    return content_key(_dumps(parts, separators=(",", ":")), n=64)
 
 
 def _load_cached(final: Path, key: str) -> Regions:
@@ -404,16 +394,13 @@ def ensure_regions(cache_dir: str | Path, key_parts: dict, compute: Callable[[],
 
 def _publish(regions: Regions, final: Path, key: str, key_parts: dict) -> Regions:
     """Write `regions` to `final` through a temporary sibling and one rename; return the published copy."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         regions.save(tmp)
         (tmp / "key.json").write_text(_dumps({"key": key, "parts": key_parts}, indent=2))
-        for path in [*tmp.iterdir(), tmp]:
-            _fsync(path)
-        os.rename(tmp, final)
-        _fsync(final.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # a partial copy after an error
+
+    # replace=False: a copy already there (content-addressed: the same regions) is kept, never swapped under readers.
+    publish_dir(final, fill, replace=False)
     # Every caller returns the published copy, so all see the same (JSON-normalised) info.
     return _load_cached(final, key)
 

@@ -255,6 +255,6 @@ def save_confusion_csv(confusion, classnames: Sequence[str], path: str | Path) -
         out = csv.writer(text)
         out.writerow(["true\\predicted", *classnames])
         out.writerows([name, *map(int, row)] for name, row in zip(classnames, m, strict=True))
-        text.detach()  # flush into f but leave closing it to _atomic_write
+        text.detach()  # flush into f but leave closing it to atomic_write
 
     return atomic_write(path, write)

@@ -1,9 +1,10 @@
-"""The stages before training: few-shot data on disk, the classifier, and the static regions (cached)."""
+"""The stages before training: few-shot data on disk, the classifier, the static regions (cached), and
+`setup_run`, the one set-up of a run (data -> model -> regions) every runner calls."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,9 @@ import torch
 from PIL import Image
 
 from fsynth.augment import build_eval_transform
+from fsynth.baselines import needs_synthetic
 from fsynth.batch_regions import uses_outputs
+from fsynth.cache import content_key
 from fsynth.config import ExperimentConfig
 from fsynth.data.fewshot import build_fewshot, write_manifest
 from fsynth.data.records import Sample, load_image
@@ -19,7 +22,7 @@ from fsynth.data.registry import load_dataset
 from fsynth.errors import ConfigError
 from fsynth.models import build_classifier, preprocess_spec
 from fsynth.partition import build_static_regions, embedding_features, ensure_regions, num_regions, pixel_features
-from fsynth.trainset import TrainData
+from fsynth.trainset import TrainData, check_regions, load_train_data
 
 Lookup = Callable[[Sequence[str]], np.ndarray]
 
@@ -81,7 +84,7 @@ def _synthetic_head_samples(data: TrainData) -> list[Sample]:
 
 
 def _ids_digest(samples: list[Sample]) -> str:
-    return hashlib.sha256("\n".join(s.id for s in samples).encode()).hexdigest()
+    return content_key("\n".join(s.id for s in samples), 64)
 
 
 def build_regions(cfg: ExperimentConfig, data: TrainData, model: torch.nn.Module, cache_dir: str | Path
@@ -114,3 +117,26 @@ def build_regions(cfg: ExperimentConfig, data: TrainData, model: torch.nn.Module
                                     features_kind=p.features)
 
     return ensure_regions(cache_dir, key, compute).lookup
+
+
+@dataclass
+class RunSetup:
+    """What `fit` is given: the run's data, its starting classifier and its static regions (None: none needed)."""
+
+    data: TrainData
+    model: torch.nn.Module
+    regions: Lookup | None
+
+
+def setup_run(cfg: ExperimentConfig, fewshot_dir: str | Path, synthetic_manifest: str | Path | None,
+              cache_dir: str | Path, device: torch.device | None = None, check: bool = True) -> RunSetup:
+    """Data -> model -> regions for one run of `cfg`: the synthetic set is read only when the baseline trains on
+    it, a partition that cannot fit the images is refused before the model is built (`check`; Ray's workers and
+    region tasks leave it to the driver, which checks every partition a sweep can give before Ray starts), and
+    the static regions are built once and cached under `cache_dir`."""
+    synthetic = str(synthetic_manifest) if synthetic_manifest and needs_synthetic(cfg) else None
+    data = load_train_data(fewshot_dir, synthetic)
+    if check:  # before the model: in seconds
+        check_regions(cfg, data.num_classes, len(data.real), len(data.synthetic))
+    model = build_model(cfg, data, device)
+    return RunSetup(data, model, build_regions(cfg, data, model, cache_dir))

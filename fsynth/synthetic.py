@@ -25,7 +25,7 @@ import pandas as pd
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from fsynth.cache import atomic_write, atomic_write_json
+from fsynth.cache import atomic_write, atomic_write_json, content_key
 from fsynth.data.fewshot import folder_name, load_manifest
 from fsynth.data.records import Sample, load_image
 from fsynth.errors import ConfigError, DataError, FsynthError
@@ -167,7 +167,7 @@ def _train_rows(fewshot_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
 
 
 def _ids_digest(ids: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+    return content_key("\n".join(ids))
 
 
 def load_shots(fewshot_dir: str | Path) -> tuple[list[Image.Image], list[int], list[str], str]:
@@ -203,7 +203,7 @@ def shot_sources(fewshot_dir: str | Path | None) -> tuple[dict[int, list[str]], 
 
 def set_address(key: dict) -> str:
     """16 hex of sha256 over the canonical JSON of `key` (everything that determines a set's images)."""
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return content_key(key)
 
 
 def prepare_synthetic_set(root: str | Path, key: dict, table: pd.DataFrame) -> Path:

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from fsynth.baselines import BASELINES, apply_baseline, needs_synthetic
+from fsynth.cache import atomic_write_json
 from fsynth.checkpoints import latest
 from fsynth.cli import ArgumentParser, require_gpus, run_main, writable_folder
-from fsynth.config import ExperimentConfig, build_config, config_to_dict, save_config
+from fsynth.config import ExperimentConfig, build_config, save_config
 from fsynth.errors import ConfigError
 from fsynth.loop import FitResult, fit, pick_device
 from fsynth.models import check_model
-from fsynth.stages import build_model, build_regions, ensure_fewshot
-from fsynth.trainset import check_regions, load_train_data
+from fsynth.names import run_name
+from fsynth.stages import ensure_fewshot, setup_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,12 +40,6 @@ def resolve(args: argparse.Namespace) -> ExperimentConfig:
         extra["data"]["root"] = str(Path(args.root).expanduser().resolve())
     cfg = build_config(args.preset, files=args.config, overrides=args.overrides, extra=extra)
     return apply_baseline(cfg, args.baseline)
-
-
-def run_dir(out: Path, cfg: ExperimentConfig, synthetic: str | None) -> Path:
-    """A run's directory is named by a hash of its config and inputs: the same run resumes in place."""
-    blob = json.dumps({"config": config_to_dict(cfg), "synthetic": synthetic}, sort_keys=True)
-    return out / cfg.data.dataset / f"{cfg.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
 def print_epoch(metrics: dict, checkpoint: str | None) -> None:
@@ -77,18 +70,18 @@ def run_train(args: argparse.Namespace) -> FitResult:
     out = writable_folder(args.out, "--out")
     check_model(cfg.model)  # weights, tags, hub cache: in a second, before the data is read
     require_gpus(cfg.resources.gpus_per_worker, "resources.gpus_per_worker")
-    workdir = run_dir(out, cfg, synthetic)
+    fewshot = ensure_fewshot(cfg, out / "fewshot")
+    workdir = out / run_name(cfg, fewshot, synthetic)  # the same run resumes in place
     resume = latest(workdir) if args.resume else None
-    data = load_train_data(ensure_fewshot(cfg, out / "fewshot"), synthetic if needs_synthetic(cfg) else None)
-    check_regions(cfg, data.num_classes, len(data.real), len(data.synthetic))
-    save_config(cfg, workdir / "config.yaml")
     device = pick_device()
-    model = build_model(cfg, data, device)
-    regions = build_regions(cfg, data, model, out / "cache")
+    run = setup_run(cfg, fewshot, synthetic, out / "cache", device)
+    data = run.data
+    save_config(cfg, workdir / "config.yaml")
     print(f"{cfg.name} on {data.dataset}: {len(data.real)} real, {len(data.synthetic)} synthetic, "
           f"{len(data.val)} val, {len(data.test)} test; run dir {workdir}"
           + (f"; resuming from {resume.name}" if resume else ""), flush=True)
-    result = fit(cfg, data, model, print_epoch, workdir=workdir, regions=regions, resume_from=resume, device=device)
+    result = fit(cfg, data, run.model, print_epoch, workdir=workdir, regions=run.regions, resume_from=resume,
+                 device=device)
     tested = f"test accuracy {result.test.accuracy:.4f} (evaluated once)" if result.test else "not tested"
     print(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}; {tested}")
     print(f"final adapters: {result.checkpoint}")
@@ -96,7 +89,7 @@ def run_train(args: argparse.Namespace) -> FitResult:
                "val_accuracy": result.best_val_accuracy, "test_accuracy": result.test.accuracy if result.test else None,
                "test_count": result.test.count if result.test else 0, "history": result.history,
                "synthetic_quality": synthetic_quality(synthetic)}
-    (workdir / "result.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(workdir / "result.json", summary, indent=2)
     return result
 
 

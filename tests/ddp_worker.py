@@ -17,7 +17,7 @@ def main(rank: int, world: int, folder: str, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     import fsynth.batch_regions as br
     import fsynth.loop as loop
-    from fsynth.train_job import _all_gather, _broadcast
+    from fsynth.jobs.training import _all_gather, _broadcast
     from tests.test_loop import toy_config, toy_data
 
     cfg = toy_config("partition.features=outputs", "partition.cluster_multiple=2", "partition.refit_every=1",

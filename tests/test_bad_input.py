@@ -17,8 +17,9 @@ from fsynth import generate, report, tags, train, tune
 from fsynth.cli import run_main
 from fsynth.config import build_config
 from fsynth.data import cli as data_cli
+from fsynth.jobs import plan as plan_module
+from fsynth.jobs.tracking import end_run, resolve_tracking_uri, start_run
 from fsynth.stages import ensure_fewshot
-from fsynth.tracking import end_run, resolve_tracking_uri, start_run
 from tests.data.fake_roots import make_root, write_split_zhou
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,7 +258,7 @@ def build_previous_work(w: Path) -> Path:
     train_cfg = build_config("embedded", extra={"data": {"dataset": "folder", "root": str(w / "data" / "folder")}},
                              overrides=["data.shots=2"])
     ensure_fewshot(train_cfg, w / "runs" / "train" / "fewshot")
-    plan = tune.resolve(tune.build_parser().parse_args(Case("", "", TUNE, "").words(w)))
+    plan = plan_module.resolve(tune.build_parser().parse_args(Case("", "", TUNE, "").words(w)))
     ensure_fewshot(plan.cfg, plan.out / "synthetic" / "fewshot")
     _tracking_store(w / "runs")
     _write(w / "runs" / "cache" / "regions-0123456789abcdef" / "key.json", '{"k": 30}\n')

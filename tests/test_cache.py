@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,59 @@ def test_atomic_write_replaces_whole_and_leaves_no_temp_files(tmp_path):
     with pytest.raises(TypeError):
         atomic_write_bytes(path, "not bytes")  # a write that fails half-way keeps the previous file
     assert path.read_bytes() == b"new contents" and sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+
+
+def test_content_key_is_stable_and_sees_every_field():
+    from fsynth.cache import content_key
+
+    assert content_key({"b": 1, "a": [1, 2]}) == content_key({"a": [1, 2], "b": 1})  # key order does not matter
+    assert content_key({"a": 1}) != content_key({"a": 2}) and len(content_key({"a": 1}, 10)) == 10
+    # a str and bytes are hashed as they are (the names that hashed raw text keep their value)
+    import hashlib
+
+    assert content_key("x\ny") == hashlib.sha256(b"x\ny").hexdigest()[:16] == content_key(b"x\ny")
+    assert content_key({"p": Path("/a")}) == content_key({"p": "/a"})  # str() of what JSON cannot hold
+
+
+def test_publish_dir_is_whole_or_nothing(tmp_path):
+    from fsynth.cache import publish_dir
+
+    final = tmp_path / "art"
+
+    def fill(folder, text="one"):
+        (folder / "sub").mkdir()
+        (folder / "sub" / "f.txt").write_text(text)
+
+    assert publish_dir(final, fill) == final and (final / "sub" / "f.txt").read_text() == "one"
+    publish_dir(final, lambda d: fill(d, "two"), replace=False)  # someone published first: theirs stays
+    assert (final / "sub" / "f.txt").read_text() == "one"
+    publish_dir(final, lambda d: fill(d, "two"))  # replace: the new copy, whole
+    assert (final / "sub" / "f.txt").read_text() == "two"
+
+    def broken(folder):
+        (folder / "half.txt").write_text("x")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        publish_dir(tmp_path / "never", broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no partial copy, no temp sibling left
+
+
+def test_publish_dir_fsyncs_files_their_folders_and_the_parent(tmp_path, monkeypatch):
+    import fsynth.cache as cache
+
+    synced = []
+    monkeypatch.setattr(cache, "_fsync", lambda p: synced.append(Path(p)))
+    final = tmp_path / "art"
+
+    def fill(folder):
+        (folder / "sub").mkdir()
+        (folder / "sub" / "f.txt").write_text("x")
+        (folder / "g.txt").write_text("y")
+
+    cache.publish_dir(final, fill)
+    tmp = next(p for p in synced if p.name.endswith(".tmp"))  # the temp sibling, renamed to `final` since
+    assert tmp.parent == tmp_path and tmp.name.startswith(".art.")
+    names = [p.relative_to(tmp).as_posix() if p.is_relative_to(tmp) else p for p in synced]
+    assert sorted(names[:2]) == ["g.txt", "sub/f.txt"]  # the files first
+    assert names[2:] == ["sub", ".", tmp_path]  # then their folders, the temp folder itself, the parent after rename

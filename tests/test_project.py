@@ -49,12 +49,13 @@ def test_readme_run_command_is_the_main_job_on_the_embedded_default(tmp_path):
     measured in docs/results, and tests/test_tune.py runs the same job end to end on tiny models; here its
     arguments resolve to the demo sweep and its first stage (the few-shot data) runs on Debian's Fashion-MNIST."""
     from fsynth import tune
+    from fsynth.jobs import plan as plan_module
     from fsynth.stages import ensure_fewshot
 
     run_cmd = readme_commands()[0].split("&& ", 1)[1].replace("HF_HUB_OFFLINE=1 ", "")
     interpreter, module_flag, module, *args = run_cmd.split()
     assert interpreter == ".venv/bin/python" and (module_flag, module) == ("-m", "fsynth.tune")
-    plan = tune.resolve(tune.build_parser().parse_args([*args, "--out", str(tmp_path)]))
+    plan = plan_module.resolve(tune.build_parser().parse_args([*args, "--out", str(tmp_path)]))
     assert plan.cfg.data.dataset == "fashion-mnist" and plan.cfg.model.arch == "efficientnet-lite0"
     assert plan.cfg.generator.backend == "ddpm" and plan.cfg.generator.images_per_class == 64
     assert Path(plan.space.path).stem in ("demo", "fashion-mnist") and len(plan.seeds) == 3
@@ -119,3 +120,16 @@ def test_reliability_doc_names_only_tests_that_exist():
     missing = [f"{path}::{name}" for path, name in cited
                if not re.search(rf"^def {name}\(", (ROOT / path).read_text(), flags=re.M)]
     assert missing == []
+
+
+def test_the_readme_code_layout_names_only_paths_that_exist():
+    """The README's code-layout table is the authority on module names: every path it names is in the tree, and
+    every module of fsynth/jobs/ (the orchestration layer) is named there."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Code layout", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    paths = {p for row in rows for p in re.findall(r"`([\w./-]+/[\w./-]*)`", row.split(" | ")[0])}
+    assert len(paths) > 20
+    assert sorted(p for p in paths if not (ROOT / p).exists()) == []
+    jobs = {f"fsynth/jobs/{p.name}" for p in (ROOT / "fsynth" / "jobs").glob("*.py") if p.name != "__init__.py"}
+    assert sorted(jobs - paths) == []

@@ -1,4 +1,5 @@
-"""`python -m fsynth.report` against a real MLflow sqlite store laid out as the tune job writes it."""
+"""`python -m fsynth.report` against a real MLflow sqlite store laid out as the tune job writes it (the pure rows,
+ablations and rendering have their own tests in tests/results/)."""
 
 import csv
 import json
@@ -13,8 +14,8 @@ from fsynth import plots, report
 from fsynth.baselines import apply_baseline
 from fsynth.cli import run_main
 from fsynth.config import build_config, with_values
-from fsynth.stages import ensure_fewshot
-from fsynth.tracking import (
+from fsynth.jobs.report_runs import RECOGNISED_KEY
+from fsynth.jobs.tracking import (
     MlflowReporter,
     client_for,
     end_run,
@@ -23,6 +24,7 @@ from fsynth.tracking import (
     resolve_tracking_uri,
     start_run,
 )
+from fsynth.stages import ensure_fewshot
 from tests.data.fake_roots import make_root
 
 # MLflow's own SQLAlchemy models trigger this; nothing fsynth can change.
@@ -52,7 +54,7 @@ ABLATION_RUNS = [
     ("ce-i2i", "real-synthetic-ce", I2I, (0.79, 0.80),
      "--baseline real-synthetic-ce --set generator.init_from=shots --set generator.strength=0.5"),
 ]
-# The starting model's accuracy on each sweep's synthetic set (logged on the sweep run, as fsynth.experiment does).
+# The starting model's accuracy on each sweep's synthetic set (logged on the sweep run, as fsynth.jobs.experiment does).
 RECOGNISED = {"ce": 0.13, "method": 0.13, "i2i": 0.21, "ce-i2i": 0.21}
 # Final-epoch measured (discrepancy, robustness) of the finals that use synthetic images, and their mixing (share
 # of synthetic samples in a region with a real one, over the epoch and in their batch); the robustness-only row's
@@ -104,7 +106,7 @@ def _sweep(uri, cfg, baseline, finals, *, space="demo", name="", command=None, s
     if best is not None:
         client_for(uri).set_tag(parent, "fsynth.best_values", json.dumps(best))
     if recognised is not None:
-        MlflowReporter(uri, parent)({report.RECOGNISED_KEY: recognised})
+        MlflowReporter(uri, parent)({RECOGNISED_KEY: recognised})
     end_run(uri, parent)
     return parent
 
@@ -115,7 +117,7 @@ def _config(preset, dataset, baseline, values=None):
 
 def _grids(uri, parent, tmp):
     """The artifacts fsynth.tune logs beside each other on a sweep run: the real shots (made by the same code as
-    fsynth.experiment.log_sweep_inputs, from a few-shot folder of a fake Fashion-MNIST) and the synthetic grid."""
+    fsynth.jobs.experiment.log_sweep_inputs, from a few-shot folder of a fake Fashion-MNIST) and the synthetic grid."""
     root = make_root("fashion-mnist", tmp / "data", per_class=3)
     cfg = build_config("embedded", overrides=["data.shots=2", "data.val_per_class=1"],
                        extra={"data": {"root": str(root)}})
@@ -354,50 +356,6 @@ def test_missing_store_is_not_created(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "runs" / "mlflow.db").exists()
 
 
-def test_run_label():
-    params = {"partition.mode": "single", "partition.cluster_multiple": "1.0", "loss.preset": "paper",
-              "data.shots": "4", "generator.backend": "sd", "generator.images_per_class": "64"}
-    assert report.run_label("method", params, {"partition.mode": "single", "training.lr": "2e-4"}) == \
-        "method · 1 region · paper · 4 shots · sd 64/class · lr=0.0002"
-    assert report.run_label("real-only", params, {}) == "real-only · 4 shots"
-
-
-def _row(baseline, tests, **fields):
-    base = {"dataset": "d", "sweep": baseline, "baseline": baseline, "space": "ablation", "preset": "full",
-            "shots": 16, "label": baseline, "seeds": tuple(map(str, range(len(tests)))), "tests": tuple(tests),
-            "vals": (), "reference": (), "end_time": 0, "loss_preset": "paper"}
-    return report.SweepRow(**{**base, **fields})
-
-
-def test_verdict_is_computed():
-    method = _row("method", [80.0, 80.5, 81.0])
-    ce, real = _row("real-synthetic-ce", [79.0, 80.0, 81.0]), _row("real-only", [70.0])
-    verdict = report.loss_verdict({"real-only": real, "real-synthetic-ce": ce, "method": method})
-    assert verdict.startswith("**Verdict:** the method does not beat real + synthetic CE only by 2 standard errors, "
-                              "but cannot be told apart from real only (a row with one seed: no error) (")
-    # per seed 1.0, 0.5, 0.0: +0.50 ± 0.29 paired (0.5 < 2 x 0.29); unpaired sqrt(0.25/3 + 1/3) = 0.65
-    assert "real + synthetic CE only: +0.50 ± 0.29 pp (paired over 3 seeds; unpaired ± 0.65)" in verdict
-    clear = report.loss_verdict({"real-synthetic-ce": ce, "method": _row("method", [80.0, 81.2, 82.1])})
-    assert "beats real + synthetic CE only by more than 2 standard errors" in clear  # +1.10 ± 0.06 paired
-    alone = report.loss_verdict({"real-synthetic-ce": _row("real-synthetic-ce", [60.0]), "method": _row("method",
-                                                                                                         [61.0])})
-    assert "cannot be told apart from real + synthetic CE only (a row with one seed: no error)" in alone
-    assert report.loss_verdict({"method": method}) == "" and report.loss_verdict({"real-only": real}) == ""
-
-
-def test_ablations_without_a_method_row():
-    """No method row: the loss table still stands at the loss rows' setting, nothing is logged, nothing breaks."""
-    rows = [_row("real-only", [70.0, 71.0]), _row("real-synthetic-ce", [72.0, 73.0]),
-            _row("method", [75.0], regions=("single", 0.0)), _row("method", [76.0], regions=("static", 4.0))]
-    ab = report.ablations(rows)
-    assert ab.method is None and list(ab.loss) == ["real-only", "real-synthetic-ce"]
-    assert [r.regions for r in ab.regions] == [("single", 0.0), ("static", 4.0)]
-    lines = report.render_dataset(report.DatasetReport("d", tuple(rows), {}), {})
-    assert any(line.startswith("### Loss ablation") for line in lines)
-    assert not any("**Verdict:**" in line for line in lines)
-    assert report.ablations([]).loss == {}
-
-
 def test_without_the_paper_file(store, tmp_path, capsys, monkeypatch):
     import fsynth.paper
 
@@ -410,19 +368,6 @@ def test_without_the_paper_file(store, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(fsynth.paper.ENV_VAR, str(tmp_path / "typo.md"))  # asked for explicitly: an error
     assert run_main(report.main, ["--tracking-uri", store["uri"], "--out", str(page)]) == 2
     assert "typo.md does not exist" in capsys.readouterr().err
-
-
-def test_the_ce_row_at_the_methods_regions_stands_and_one_region_pairs_are_found():
-    """CE-only ignores the regions but its measured terms do not: the run at the method's regions is the table's;
-    the single-region method and CE rows become Figure 2's second pair."""
-    method = _row("method", [70.8, 70.5, 71.2])
-    ce = _row("real-synthetic-ce", [70.8, 70.5, 71.2], sweep="ce")
-    ce_single = _row("real-synthetic-ce", [70.8, 70.5, 71.2], sweep="ce1", regions=("single", 0.0), end_time=9)
-    method_single = _row("method", [70.9, 71.1, 70.8], sweep="m1", regions=("single", 0.0))
-    ab = report.ablations([method, ce, ce_single, method_single])
-    assert ab.loss["real-synthetic-ce"].sweep == "ce"  # not the later single-region run
-    assert {b: r.sweep for b, r in ab.one_region.items()} == {"method": "m1", "real-synthetic-ce": "ce1"}
-    assert report.ablations([method, ce]).one_region == {}
 
 
 def test_fashion_mnist_feature_and_synthetic_set_tables(written):

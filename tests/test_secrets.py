@@ -17,7 +17,7 @@ def test_redact_masks_only_the_password():
 
 
 def test_params_and_printed_commands_never_carry_the_password():
-    from fsynth.tracking import flat_params, ui_command
+    from fsynth.jobs.tracking import flat_params, ui_command
 
     cfg = build_config("embedded", overrides=[f"tracking.uri={URI}"])
     assert flat_params(cfg)["tracking.uri"] == "http://alice:***@mlflow.internal:5000"
@@ -36,8 +36,9 @@ def test_an_error_naming_a_uri_prints_no_password(capsys):
 def test_the_sweep_command_tag_is_redacted(monkeypatch):
     """fsynth.tune tags the sweep with its command line; the password on it is masked before it is stored."""
     from fsynth import tune
+    from fsynth.jobs import experiment
 
     seen = {}
-    monkeypatch.setattr(tune, "run_tune", lambda args, command: seen.setdefault("command", command))
+    monkeypatch.setattr(experiment, "run_tune", lambda plan, args: seen.setdefault("command", plan.command))
     tune.main(["--dataset", "fashion-mnist", "--tracking-uri", URI])
     assert seen["command"].endswith("--tracking-uri http://alice:***@mlflow.internal:5000")

@@ -25,7 +25,7 @@ def test_real_only_run_prints_val_and_test_and_resumes(tmp_path):
     result = run(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "epoch   1" in result.stdout and "test accuracy" in result.stdout
-    finals = list((tmp_path / "runs" / "folder").glob("real-only-*/final/adapters.safetensors"))
+    finals = list((tmp_path / "runs").glob("folder-real-only-*/final/adapters.safetensors"))
     assert len(finals) == 1 and (finals[0].parent / "config.yaml").is_file()
     assert (finals[0].parent.parent / "result.json").is_file()
     again = run(*args, "--resume", cwd=tmp_path)  # every epoch is done: resuming only re-tests

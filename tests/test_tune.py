@@ -1,4 +1,4 @@
-"""`python -m fsynth.tune`: resolving the run, bad input before Ray starts, and the whole smoke sweep end to end
+"""`python -m fsynth.tune`: bad input before Ray starts, and the whole smoke sweep end to end
 (interrupted by killing its driver, then continued by the same command) checked in the MLflow store."""
 
 import glob
@@ -14,74 +14,9 @@ from pathlib import Path
 import pytest
 
 from fsynth import tune
-from fsynth.config import build_config
-from fsynth.errors import ConfigError
 from tests.data.fake_roots import make_root
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def resolve(*argv: str) -> tune.Plan:
-    return tune.resolve(tune.build_parser().parse_args(["--out", "/tmp/fsynth-test-out", *argv]))
-
-
-def test_the_dataset_space_and_preset_are_picked_and_flags_win():
-    plan = resolve("--dataset", "fashion-mnist")
-    assert Path(plan.space.path).name == "fashion-mnist.yaml" and plan.cfg.model.arch == "efficientnet-lite0"
-    assert plan.cfg.training.epochs == 3 and plan.cfg.data.test_per_class == 200  # demo.yaml's fixed values
-    assert plan.seeds == [0, 1, 2] and plan.cfg.name == "method"
-    plan = resolve("--dataset", "fashion-mnist", "--set", "training.epochs=7", "--shots", "4", "--seeds", "2",
-                   "--baseline", "real-only", "--root", "rel/data")
-    assert plan.cfg.training.epochs == 7 and plan.cfg.data.shots == 4 and plan.seeds == [0, 1]
-    assert plan.cfg.name == "real-only" and not plan.cfg.training.use_synthetic
-    assert Path(plan.cfg.data.root).is_absolute() and plan.out.is_absolute()
-    dtd = resolve("--dataset", "dtd")
-    assert Path(dtd.space.path).name == "default.yaml" and dtd.cfg.loss.preset == "protoaug"
-    assert dtd.tracking_uri.startswith("sqlite:////") and dtd.storage == "/tmp/fsynth-test-out"
-
-
-def test_the_ablation_space_fixes_the_demo_and_searches_nothing():
-    plan = resolve("--dataset", "fashion-mnist", "--space", "ablation", "--set", "partition.cluster_multiple=4")
-    assert plan.space.sample == () and plan.cfg.training.lr == 1e-4 and plan.seeds == [0, 1, 2]
-    assert plan.cfg.training.epochs == 3 and plan.cfg.partition.cluster_multiple == 4.0  # demo's fixed + --set
-
-
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--seeds", "0"], "--seeds must be at least 1"),
-    (["--max-concurrent", "-1"], "--max-concurrent must be at least 1"),
-    (["--space", "nope"], "does not exist; choose one of"),
-    (["--set", "training.lrr=1"], "training.lrr"),
-    (["--tracking-uri", "./mlruns"], "MLflow file store"),
-])
-def test_bad_input_is_one_line_before_anything_runs(argv, message):
-    with pytest.raises(ConfigError) as info:
-        resolve("--dataset", "fashion-mnist", *argv)
-    assert message in str(info.value) and "\n" not in str(info.value)
-
-
-def test_a_space_that_samples_the_generator_is_refused(tmp_path):
-    path = tmp_path / "gen.yaml"
-    path.write_text("preset: embedded\nsample:\n  generator.images_per_class: {grid: [16, 32]}\n")
-    with pytest.raises(ConfigError, match="cannot be sampled: every trial shares one synthetic set"):
-        resolve("--dataset", "fashion-mnist", "--space", str(path))
-
-
-def test_the_summary_names_the_regions_and_the_mixing():
-    cfg = build_config("embedded")
-    rows = [{"mixing/synthetic_in_mixed": 0.5, "mixing/batch_synthetic_in_t": 0.25},
-            {"mixing/synthetic_in_mixed": 0.7, "mixing/batch_synthetic_in_t": 0.35}]
-    assert tune.regions_line(cfg, rows) == ("regions: static regions, outputs features, K = 2 x classes; mixing: "
-                                            "60 % of synthetic samples in a region with a real one, 30 % with one "
-                                            "in their batch (last epoch, seed mean)")
-    assert "mixing: - " in tune.regions_line(cfg, [{}])
-
-
-def test_partition_variants_cover_the_grid():
-    variants = tune.partition_variants(resolve("--dataset", "dtd"))
-    assert variants == [{"partition.mode": "static", "partition.cluster_multiple": m} for m in (1.0, 2.0, 4.0)] + [
-        {"partition.mode": "single", "partition.cluster_multiple": 1.0}]
-    assert tune.partition_variants(resolve("--dataset", "eurosat", "--space", "lightweight")) == [
-        {"partition.cluster_multiple": m} for m in (1.0, 2.0, 4.0)]
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path, capsys):
@@ -92,7 +27,7 @@ def test_missing_dataset_says_how_to_get_it(tmp_path, capsys):
 
 
 def test_an_unreachable_tracking_server_fails_before_any_compute(tmp_path, capsys):
-    from tests.test_tracking import free_port
+    from tests.jobs.test_tracking import free_port
 
     root = make_root("folder", tmp_path / "data", per_class=4)
     start = time.monotonic()
@@ -248,3 +183,15 @@ def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
     for info in client.list_artifacts(run_id, path):
         found |= _artifacts(client, run_id, info.path) if info.is_dir else {info.path}
     return found
+
+
+def test_help_and_a_bad_flag_answer_before_ray_torch_or_the_models_load():
+    """The plan is resolved before the job stack is imported: --help, a bad flag and a bad --set answer in seconds."""
+    script = ("import sys\nfrom fsynth import tune\nfrom fsynth.cli import run_main\n"
+              "code = run_main(tune.main, ['--dataset', 'fashion-mnist', '--seeds', '0', '--out', sys.argv[1]])\n"
+              "heavy = ('ray', 'torch', 'open_clip', 'fsynth.models', 'fsynth.jobs.experiment')\n"
+              "print(code, sorted(m for m in heavy if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", script, "/tmp/fsynth-test-out"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.strip() == "2 []", result.stdout + result.stderr[-2000:]
+    assert "--seeds must be at least 1" in result.stderr

@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fsynth.cache import ensure_built
+from fsynth.cache import content_key, ensure_built, publish_dir
 from fsynth.errors import FsynthError
-from fsynth.generators import SourceShots, denoising_steps
+from fsynth.generators.base import SourceShots, denoising_steps
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
@@ -70,7 +68,9 @@ class DDPMGenerator:
 
 
 def compute_fingerprint(gen: DDPMGenerator) -> str:
-    """First 16 hex chars of sha256(config JSON, then each weight tensor's name and bytes in name order)."""
+    """First 16 hex chars of sha256(config JSON, then each weight tensor's name and bytes in name order).
+
+    A streaming digest of many tensors (not one payload), so it stays hashlib rather than `content_key`."""
     unet_config = {k: v for k, v in gen.unet.config.items() if not k.startswith("_")}
     digest = hashlib.sha256(json.dumps([gen.meta(), unet_config], sort_keys=True, default=str).encode())
     for name, tensor in sorted(gen.unet.state_dict().items()):
@@ -192,18 +192,15 @@ def train_ddpm(
 def save_generator(gen: DDPMGenerator, directory: str | Path) -> Path:
     """Write `directory/unet` (safetensors + diffusers config) and `directory/generator.json`; return directory.
 
-    Everything is written to a sibling temp folder first and renamed into place, so a reader never sees half.
+    Everything is written to a sibling temp folder first and renamed into place (replacing an older copy), so a
+    reader never sees half.
     """
-    final = Path(directory).resolve()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    gen.unet.save_pretrained(tmp / UNET_DIR, safe_serialization=True)
-    (tmp / CONFIG_FILE).write_text(json.dumps({**gen.meta(), "fingerprint": gen.fingerprint}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
+
+    def fill(tmp: Path) -> None:
+        gen.unet.save_pretrained(tmp / UNET_DIR, safe_serialization=True)
+        (tmp / CONFIG_FILE).write_text(json.dumps({**gen.meta(), "fingerprint": gen.fingerprint}, indent=2))
+
+    return publish_dir(Path(directory).resolve(), fill)
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
@@ -334,8 +331,9 @@ class DDPMBackend:
     fingerprint: str = field(init=False)
 
     def __post_init__(self) -> None:
-        blob = json.dumps([self.gen.fingerprint, f"ddim-eta{self.eta:g}-trailing", self.steps, self.out_size]).encode()
-        self.fingerprint = hashlib.sha256(blob).hexdigest()[:16]
+        # A list of scalars: json.dumps gives the same text with or without sort_keys, so the value is unchanged.
+        self.fingerprint = content_key([self.gen.fingerprint, f"ddim-eta{self.eta:g}-trailing", self.steps,
+                                        self.out_size])
         if self.sources is not None:
             self.fingerprint = self.sources.fingerprint(self.fingerprint)
 
@@ -369,7 +367,7 @@ def ensure_ddpm_generator(
     """
     log = log or (lambda line: None)
     key = {"shots": shots_digest, "num_classes": num_classes, "settings": settings, "format": FORMAT}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    digest = content_key(key)  # = sha256(json.dumps(key, sort_keys=True))[:16]: plain JSON values, default=str unused
     directory = Path(out_root).resolve() / f"ddpm-{digest}"
 
     def done() -> Path | None:

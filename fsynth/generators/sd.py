@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fsynth.cache import content_key
 from fsynth.errors import FsynthError
 from fsynth.hub import hub_offline
 
@@ -42,8 +43,6 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
     from PIL import Image
 
-    from fsynth.config import GeneratorConfig
-    from fsynth.generators import SourceShots
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -402,8 +401,7 @@ class SDGenerator:
         if self.lora_files:
             payload["lora"] = sorted((k, file_digest(f)) for k, f in self.lora_files.items())
             payload["lora_scale"] = self.lora_scale
-        blob = json.dumps(payload, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return content_key(payload)
 
     def _adapter_for(self, class_name: str) -> str | None:
         """The adapter a row of `class_name` uses (None without LoRA)."""
@@ -424,7 +422,7 @@ class SDGenerator:
 
         Rows are grouped by LoRA adapter (one group without per-class LoRA); each group is one pipeline call.
         """
-        from fsynth.generators import ROW_COLUMNS
+        from fsynth.generators.base import ROW_COLUMNS
 
         missing = [c for c in ROW_COLUMNS if c not in rows.columns]
         if missing:
@@ -460,22 +458,3 @@ class SDGenerator:
     def _rgb(self, images: list[Image.Image]) -> list[Image.Image]:
         size = (self.resolution, self.resolution)
         return [img if img.size == size else img.resize(size) for img in (i.convert("RGB") for i in images)]
-
-
-def build_sd_generator(gcfg: GeneratorConfig, device: str | torch.device | None = None,
-                       lora_path: str | None = None, sources: SourceShots | None = None) -> SDGenerator:
-    """Load gcfg.model and wrap it with gcfg's settings.
-
-    `lora_path` (e.g. a fine-tuned LoRA folder) replaces gcfg.lora_path unless it is None; "" means no LoRA.
-    `sources`: the real shots for image-to-image (fsynth.generators.sd_img2img), None for text-to-image.
-    """
-    path = gcfg.lora_path if lora_path is None else lora_path
-    lora_files = find_lora_files(path) if path else {}
-    pipe = load_sd_pipeline(gcfg.model, gcfg.dtype, gcfg.scheduler, device)
-    settings = dict(guidance_scale=gcfg.guidance_scale, steps=gcfg.steps, resolution=gcfg.resolution,
-                    negative_prompt=gcfg.negative_prompt, lora_files=lora_files, lora_scale=gcfg.lora_scale)
-    if sources is not None:
-        from fsynth.generators.sd_img2img import SDImg2ImgGenerator
-
-        return SDImg2ImgGenerator(pipe, folder_digest(model_folder(gcfg.model)), sources, **settings)
-    return SDGenerator(pipe, folder_digest(model_folder(gcfg.model)), **settings)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from fsynth.cache import atomic_write_json, ensure_built
+from fsynth.cache import atomic_write, atomic_write_json, content_key, ensure_built, publish_dir, temp_sibling
 from fsynth.config import GeneratorConfig, GeneratorFinetuneConfig
 from fsynth.data.fewshot import folder_name
 from fsynth.errors import FsynthError
@@ -237,15 +236,19 @@ def save_sd_lora(result: LoraResult, directory: str | Path) -> Path:
     """Write `directory/pytorch_lora_weights.safetensors` (atomically) for `pipe.load_lora_weights(directory)`."""
     from diffusers import StableDiffusionPipeline
 
-    final = Path(directory).resolve()
-    tmp = final / f".lora.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    # No alpha is stored: diffusers' loader then uses alpha = rank, i.e. scale 1, which is how we trained.
-    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=result.unet,
-                                              text_encoder_lora_layers=result.text_encoder)
-    os.replace(tmp / WEIGHTS_FILE, final / WEIGHTS_FILE)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return final / WEIGHTS_FILE
+    path = Path(directory).resolve() / WEIGHTS_FILE
+    # diffusers writes only into a folder: it writes a scratch one beside the file, whose bytes are then published
+    # atomically (temp sibling, fsync, rename).
+    scratch = temp_sibling(path)
+    try:
+        # No alpha is stored: diffusers' loader then uses alpha = rank, i.e. scale 1, which is how we trained.
+        StableDiffusionPipeline.save_lora_weights(scratch, unet_lora_layers=result.unet,
+                                                  text_encoder_lora_layers=result.text_encoder)
+        with open(scratch / WEIGHTS_FILE, "rb") as src:
+            atomic_write(path, lambda f: shutil.copyfileobj(src, f))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return path
 
 
 # ---- the cached artefact -------------------------------------------------------------------------------------
@@ -306,7 +309,7 @@ def plan_sd_lora(base_model: str, fewshot_manifest: str | Path, gcfg: GeneratorC
             "shots_digest": shots_digest, "classes": classes}
     key = {k: v for k, v in info.items() if k != "base_model"}  # the content, not where it was found
     key["finetune"] = _budget_key(finetune)
-    name = f"{dataset}-lora-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}"
+    name = f"{dataset}-lora-{content_key(key)}"  # = sha256(json.dumps(key, sort_keys=True))[:16]: plain JSON values
     root = Path(out_root).resolve()
     dev = resolve_device(device)
     return LoraPlan(root / name, root / f".{name}.partial", base, info, tuple(images), tuple(names), domain,
@@ -369,16 +372,15 @@ def finetune_one_class(plan: LoraPlan, unit: str, *, log: Callable[[str], None] 
 def _store_unit(result: LoraResult, plan: LoraPlan, unit: str) -> None:
     """Weights + losses.json into the unit's staging folder: a class folder appears whole, or not at all."""
     plan.staging.mkdir(parents=True, exist_ok=True)
-    target = plan.unit_dir(unit)
-    work = plan.staging / f".{target.name}.{os.getpid()}.tmp" if plan.per_class else target
-    work.mkdir(parents=True, exist_ok=True)
-    _write_json(work / LOSSES_FILE, {"steps": result.steps, "history": result.history})
-    save_sd_lora(result, work)  # written last: its presence marks the unit done
-    if work != target:
-        try:
-            os.replace(work, target)
-        except OSError:  # another task finished this class first: keep theirs
-            shutil.rmtree(work, ignore_errors=True)
+
+    def fill(work: Path) -> None:
+        _write_json(work / LOSSES_FILE, {"steps": result.steps, "history": result.history})
+        save_sd_lora(result, work)  # written last: its presence marks the unit done
+
+    if plan.per_class:  # replace=False: another task finished this class first: keep theirs
+        publish_dir(plan.unit_dir(unit), fill, replace=False)
+    else:  # the staging folder itself: each file is written atomically, the weights last
+        fill(plan.unit_dir(unit))
 
 
 def _complete(plan: LoraPlan, folder: Path) -> bool:
@@ -407,6 +409,8 @@ def finish_sd_lora(plan: LoraPlan) -> Path:
         return plan.final
     try:
         _write_json(plan.staging / INFO_FILE, {**plan.info, "losses": _unit_losses(plan)})
+        # Not publish_dir: the staging folder is filled over several resumable calls (one per LoRA, maybe on other
+        # machines), each of its files already published atomically; only this last rename makes it the artefact.
         os.replace(plan.staging, plan.final)
     except (OSError, FsynthError) as exc:  # another process may have finished it first: then use theirs
         if _complete(plan, plan.final):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageOps
 
-from fsynth.generators import SourceShots, denoising_steps
+from fsynth.generators.base import SourceShots, denoising_steps
 from fsynth.generators.sd import SDGenerator
 
 if TYPE_CHECKING:

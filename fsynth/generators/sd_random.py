@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from fsynth.cache import publish_dir
 from fsynth.errors import FsynthError
 
 SIZES = ("tiny", "sd21")
@@ -118,13 +117,5 @@ def build_random_sd(size: str = "tiny", seed: int = 0, scheduler: str = "ddim"):
 
 def write_random_sd(directory: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     """Save `build_random_sd(size, seed)` as a diffusers folder at `directory` (atomically); return its path."""
-    final = Path(directory).resolve()
     pipe = build_random_sd(size, seed)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
+    return publish_dir(Path(directory).resolve(), lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))

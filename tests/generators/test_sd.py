@@ -14,12 +14,12 @@ from fsynth.config import GeneratorConfig
 from fsynth.errors import FsynthError
 from fsynth.generators.sd import (
     SDGenerator,
-    build_sd_generator,
     file_digest,
     folder_digest,
     load_lora,
     load_sd_pipeline,
 )
+from fsynth.generators.sd_build import build_sd_generator
 from fsynth.generators.sd_random import write_random_sd
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -29,7 +29,7 @@ def reports(result) -> list[dict]:
 
 
 def test_one_worker_run_reports_checkpoints_and_resumes_by_name(tmp_path, ray_local):
-    from fsynth.train_job import job_name, run_train_job
+    from fsynth.jobs.training import job_name, run_train_job
 
     make_root("folder", tmp_path / "data", per_class=8)
     cfg = tiny_config(tmp_path / "data")
@@ -61,7 +61,7 @@ def test_one_worker_run_reports_checkpoints_and_resumes_by_name(tmp_path, ray_lo
 @pytest.mark.skipif(not os.environ.get("FSYNTH_DDP_TEST"), reason="2-worker DDP costs ~60 s more on 2 CPUs; "
                     "set FSYNTH_DDP_TEST=1 to run it")
 def test_two_worker_ddp_run(tmp_path, ray_local):
-    from fsynth.train_job import run_train_job
+    from fsynth.jobs.training import run_train_job
 
     make_root("folder", tmp_path / "data", per_class=8)
     # online regions: each rank's encoder is reached through the DDP wrapper, centroids updated from all ranks
@@ -75,7 +75,7 @@ def test_two_worker_ddp_run(tmp_path, ray_local):
 
 def test_workers_get_ten_minutes_to_start_unless_told_otherwise(tmp_path, monkeypatch):
     """Ray's default 60 s fails runs on a busy 2-core machine; an explicit setting is left alone."""
-    from fsynth.train_job import WORKER_START_TIMEOUT_ENV, build_trainer
+    from fsynth.jobs.training import WORKER_START_TIMEOUT_ENV, build_trainer
 
     cfg = tiny_config(make_root("folder", tmp_path / "data", per_class=4))
     kwargs = dict(fewshot_dir=tmp_path, synthetic_manifest=None, cache_dir=tmp_path, storage=tmp_path, name="run")
@@ -122,7 +122,7 @@ def flaky(loop, marker: str, fail_epoch: int):
 
 def test_a_worker_raising_mid_epoch_is_retried_from_its_last_checkpoint(tmp_path, ray_local):
     """FailureConfig: the run restarts from the last epoch's checkpoint and ends where an unbroken run ends."""
-    from fsynth.train_job import build_trainer, train_loop_per_worker
+    from fsynth.jobs.training import build_trainer, train_loop_per_worker
 
     make_root("folder", tmp_path / "data", per_class=8)
     cfg = tiny_config(tmp_path / "data", "training.epochs=3", "training.batch_size=2", "training.checkpoint_every=1")

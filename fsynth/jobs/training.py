@@ -17,8 +17,6 @@ re-tests its best model without training again); a different config gets a diffe
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -30,22 +28,16 @@ import ray.train.torch
 import torch
 from torch.utils.data import SequentialSampler
 
-from fsynth.baselines import needs_synthetic
 from fsynth.config import ExperimentConfig, config_from_dict, config_to_dict
+from fsynth.names import absolute as _absolute
+from fsynth.names import run_name
 
 RESUME = "resume"  # the final checkpoint's copy of the last training state
 
 
-def _absolute(path: str | Path) -> str:
-    text = str(path)
-    return text if "://" in text else str(Path(text).expanduser().resolve())
-
-
 def job_name(cfg: ExperimentConfig, *, fewshot_dir: str | Path, synthetic_manifest: str | Path | None) -> str:
-    """A deterministic run name, unique per config and inputs (reusing it resumes that run)."""
-    blob = json.dumps({"config": config_to_dict(cfg), "fewshot": _absolute(fewshot_dir),
-                       "synthetic": _absolute(synthetic_manifest) if synthetic_manifest else None}, sort_keys=True)
-    return f"{cfg.data.dataset}-{cfg.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    """A deterministic run name, unique per config and inputs (reusing it resumes that run): fsynth.names.run_name."""
+    return run_name(cfg, fewshot_dir, synthetic_manifest)
 
 
 def _distributed_loader(loader):
@@ -118,18 +110,14 @@ def train_loop_per_worker(config: dict) -> None:
     # the trainer, to unpickle this function) and need none of the loop, models, open_clip or the data stack,
     # ~3-4 s of CPU in each of those two processes per Train run (tests/test_layering.py keeps it so).
     from fsynth.loop import LoopHooks, fit
-    from fsynth.stages import build_model, build_regions
-    from fsynth.trainset import load_train_data
+    from fsynth.stages import setup_run
 
     cfg = config_from_dict(config["config"])
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
     context = ray.train.get_context()
     world, chief = context.get_world_size(), context.get_world_rank() == 0
-    synthetic = config["synthetic_manifest"] if needs_synthetic(cfg) else None
-    data = load_train_data(config["fewshot_dir"], synthetic)
     device = ray.train.torch.get_device()
-    model = build_model(cfg, data, device)
-    regions = build_regions(cfg, data, model, config["cache_dir"])
+    run = setup_run(cfg, config["fewshot_dir"], config["synthetic_manifest"], config["cache_dir"], device, check=False)
     local = Path(tempfile.mkdtemp(prefix="fsynth-train-"))
     try:
         resume = _resume_dir(ray.train.get_checkpoint(), local)
@@ -137,7 +125,7 @@ def train_loop_per_worker(config: dict) -> None:
                           prepare_loader=_distributed_loader if world > 1 else (lambda loader: loader),
                           is_chief=chief, all_gather=_all_gather if world > 1 else (lambda t: t),
                           broadcast=_broadcast if world > 1 else (lambda t: t))
-        fit(cfg, data, model, _Reporter(chief, resume), workdir=local / "work", regions=regions,
+        fit(cfg, run.data, run.model, _Reporter(chief, resume), workdir=local / "work", regions=run.regions,
             resume_from=resume, device=device, hooks=hooks)
     finally:  # Ray has already persisted every reported checkpoint
         shutil.rmtree(local, ignore_errors=True)

@@ -1,13 +1,12 @@
 """The Ray Tune side of `fsynth.tune`: search space -> Tune param space, the trial trainable, MLflow per trial.
 
-A trial is a Tune function trainable that builds and fits one `TorchTrainer` (fsynth.train_job) whose workers run
+A trial is a Tune function trainable that builds and fits one `TorchTrainer` (fsynth.jobs.training) whose workers run
 the one loop; Train's reports reach Tune through `TuneReportCallback` and MLflow through `MlflowTrainCallback`.
 The same trainable runs the sweep's trials (validation only, no test) and the final seeds (tested once).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -22,11 +21,13 @@ import ray.tune
 from ray.train.v2.api.callback import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from fsynth import tags, tracking
+from fsynth import tags
+from fsynth.cache import content_key
 from fsynth.config import ExperimentConfig, config_from_dict, config_to_dict, save_config, with_values
 from fsynth.errors import ConfigError, FsynthError
+from fsynth.jobs import tracking
+from fsynth.jobs.training import build_trainer, job_name
 from fsynth.spaces import SearchSpace, TuneSettings
-from fsynth.train_job import build_trainer, job_name
 
 KIND_TAG, SWEEP_TAG, TRAIN_NAME_TAG = tags.KIND, tags.SWEEP, tags.TRAIN_NAME
 MIXING_KEYS = ("mixing/synthetic_in_mixed", "mixing/batch_synthetic_in_t", "mixing/regions_mixed")
@@ -87,7 +88,7 @@ def train_run_name(ctx: TrialContext, cfg: ExperimentConfig, index: int) -> str:
     The sweep's id is part of it: two sweeps with the same config (an ablation that repeats the main run's best
     values) each train and log their own runs rather than share, or race on, one Train folder."""
     base = job_name(cfg, fewshot_dir=ctx.fewshot_dir, synthetic_manifest=ctx.synthetic_manifest)
-    sweep = hashlib.sha256(ctx.sweep_id.encode()).hexdigest()[:6]
+    sweep = content_key(ctx.sweep_id, 6)
     return f"{base}-{sweep}-{ctx.kind}{index:03d}"
 
 
@@ -314,9 +315,9 @@ def final_results(grid) -> list[dict]:
 
 def sweep_id(cfg: ExperimentConfig, space: SearchSpace, inputs: dict) -> str:
     """Deterministic per config, space and inputs: the same command finds (and resumes) the same sweep."""
-    blob = json.dumps({"config": config_to_dict(cfg), "sample": [(s.keys, s.kind, s.values) for s in space.sample],
-                       "tune": config_to_dict(space.tune), "inputs": inputs}, sort_keys=True, default=str)
-    return f"{cfg.data.dataset}-{cfg.name}-{Path(space.path).stem}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+    key = {"config": config_to_dict(cfg), "sample": [(s.keys, s.kind, s.values) for s in space.sample],
+           "tune": config_to_dict(space.tune), "inputs": inputs}
+    return f"{cfg.data.dataset}-{cfg.name}-{Path(space.path).stem}-{content_key(key, 10)}"
 
 
 def with_kind(ctx: TrialContext, kind: str) -> TrialContext:

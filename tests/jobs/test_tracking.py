@@ -1,4 +1,4 @@
-"""fsynth.tracking against a real MLflow 3 sqlite store (one store per module: creating its tables takes seconds)."""
+"""fsynth.jobs.tracking against a real MLflow 3 sqlite store (one store per module: its tables take seconds)."""
 
 import json
 import threading
@@ -8,7 +8,7 @@ import pytest
 
 from fsynth.config import build_config
 from fsynth.errors import ConfigError
-from fsynth.tracking import (
+from fsynth.jobs.tracking import (
     CHECKPOINT_TAG,
     PARENT_TAG,
     MlflowReporter,
@@ -246,7 +246,7 @@ def test_unreachable_or_wrong_server_fails_fast_in_one_line(tmp_path):
     import http.server
     import time
 
-    from fsynth.tracking import check_reachable
+    from fsynth.jobs.tracking import check_reachable
 
     start = time.monotonic()
     with pytest.raises(ConfigError, match=r"unreachable \(.*refused.*\); start it") as err:
@@ -268,7 +268,7 @@ def test_a_server_that_goes_away_mid_run_fails_the_report_loudly(tmp_path, monke
     """Metrics are never dropped in silence: once the server is gone, the next report raises."""
     from mlflow.exceptions import MlflowException
 
-    from fsynth.tracking import check_reachable
+    from fsynth.jobs.tracking import check_reachable
 
     port = free_port()
     server = start_mlflow_server(tmp_path, port)

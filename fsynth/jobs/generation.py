@@ -172,3 +172,11 @@ def run_generation_job(cfg: ExperimentConfig, fewshot_dir: str | Path, root: str
             expected = int(table["group"].isin(groups).sum())
             run_groups_on_ray(cfg, artefact, out, groups, expected, n, log, fewshot_dir)
         return finish_synthetic_set(out, table)
+
+
+def run_generation_on_ray(cfg: ExperimentConfig, fewshot_dir: Path, root: Path, address: str | None,
+                          actors: int | None = None, log: Log = print) -> Path:
+    """`python -m fsynth.generate` without --direct: join the cluster at `address` (None: a local Ray) and run
+    `run_generation_job` there; return the manifest."""
+    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
+    return run_generation_job(cfg, fewshot_dir, root, actors=actors, log=log)

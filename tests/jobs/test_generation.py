@@ -8,9 +8,9 @@ from PIL import Image
 
 from fsynth.config import build_config
 from fsynth.data.fewshot import folder_name
-from fsynth.generate_job import run_generation_job
 from fsynth.generation import run_generation_direct
 from fsynth.generators.sd_random import write_random_sd
+from fsynth.jobs.generation import run_generation_job
 from fsynth.stages import ensure_fewshot
 from fsynth.synthetic import load_synthetic_manifest
 from tests.data.fake_roots import make_root
@@ -105,7 +105,7 @@ def test_per_class_lora_fine_tuning_runs_as_parallel_tasks_then_generates(ray_lo
 
 def test_an_actor_pool_that_cannot_fit_is_a_one_line_error(ray_local):
     from fsynth.errors import ConfigError
-    from fsynth.generate_job import check_cluster_fits
+    from fsynth.jobs.generation import check_cluster_fits
 
     check_cluster_fits(build_config("embedded", overrides=["resources.cpus_per_generator_actor=1"]), 2)
     cases = [(build_config("lightweight"), 1, "need 1 GPUs but the Ray cluster has 0"),

@@ -1,45 +1,62 @@
-"""The stages of `python -m fsynth.tune` on a Ray cluster, each cached: data, synthetic set, regions, sweep, seeds."""
+"""The experiment of `python -m fsynth.tune`, top to bottom: plan -> cached stages (data, synthetic set, regions)
+-> the Tune sweep over Train -> the final seeds -> the summary."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import ray
 import ray.tune
 
-from fsynth import sweep, tags, tracking
+from fsynth import tags
 from fsynth.baselines import needs_synthetic
 from fsynth.batch_regions import uses_outputs
 from fsynth.cli import require_gpus
-from fsynth.config import ExperimentConfig, config_from_dict, config_to_dict, save_config, with_values
+from fsynth.config import (
+    ExperimentConfig,
+    config_from_dict,
+    config_to_dict,
+    save_config,
+    with_values,
+)
 from fsynth.errors import ConfigError
-from fsynth.generate_job import one_line_task_errors
 from fsynth.generators import check_source
+from fsynth.jobs import sweep, tracking
+from fsynth.jobs.generation import one_line_task_errors
+from fsynth.jobs.plan import Plan, format_summary, partition_variants, summarise
 from fsynth.models import check_model
 from fsynth.stages import ensure_fewshot
 from fsynth.trainset import check_regions
 
-if TYPE_CHECKING:
-    from fsynth.tune import Plan
-
 Log = Callable[[str], None]
+
+
+def _print_now(line: str) -> None:
+    print(line, flush=True)
+
+
+def run_tune(plan: Plan, args: argparse.Namespace) -> dict:
+    """Run (or continue) the whole experiment of `plan` (`fsynth.jobs.plan.resolve` of the command's `args`);
+    return the summary."""
+    return run_experiment(plan, address=args.address or os.environ.get("RAY_ADDRESS"),
+                          max_concurrent=args.max_concurrent, num_samples=args.num_samples,
+                          require_resume=args.resume, log=_print_now)
 
 
 @ray.remote
 def _regions_task(cfg_dict: dict, fewshot_dir: str, synthetic: str | None, cache_dir: str) -> str:
     """Build (or find) one partition's static regions where a training worker would: on its resources."""
     from fsynth.loop import pick_device
-    from fsynth.stages import build_model, build_regions
-    from fsynth.trainset import load_train_data
+    from fsynth.stages import setup_run
 
     cfg = config_from_dict(cfg_dict)
-    data = load_train_data(fewshot_dir, synthetic)
-    build_regions(cfg, data, build_model(cfg, data, pick_device()), cache_dir)
+    setup_run(cfg, fewshot_dir, synthetic, cache_dir, pick_device(), check=False)  # checked by the driver
     p = cfg.partition
     return f"{p.mode} x{p.cluster_multiple:g}"
 
@@ -72,7 +89,7 @@ def ensure_synthetic(cfg: ExperimentConfig, fewshot: Path, root: Path, log: Log)
     if not needs_synthetic(cfg):
         log("synthetic set: not needed by this baseline")
         return None
-    from fsynth.generate_job import run_generation_job
+    from fsynth.jobs.generation import run_generation_job
 
     manifest = run_generation_job(cfg, fewshot, root, log=log)
     r = cfg.resources
@@ -122,8 +139,6 @@ def concurrency(plan: Plan, explicit: int | None, address: str | None) -> int:
 
 def check_partitions(plan: Plan, fewshot: Path) -> None:
     """Every partition a trial can get fits the images it partitions (the shots and the synthetic set to come)."""
-    from fsynth.tune import partition_variants
-
     info = json.loads((fewshot / "fewshot.json").read_text())
     classes = int(info["num_classes"])
     for variant in partition_variants(plan):
@@ -160,7 +175,7 @@ def run_stages(plan: Plan, address: str | None, log: Log) -> tuple[Path, Path | 
 
 def run_experiment(plan: Plan, *, address: str | None, max_concurrent: int | None, num_samples: int | None,
                    require_resume: bool, log: Log = print) -> dict:
-    """Every stage of the experiment in `plan` (fsynth.tune.Plan); returns the summary."""
+    """Every stage of the experiment in `plan` (fsynth.jobs.plan.Plan); returns the summary."""
     cfg, uri = plan.cfg, plan.tracking_uri
     fewshot, synthetic = run_stages(plan, address, log)
     space = plan.space
@@ -176,8 +191,6 @@ def run_experiment(plan: Plan, *, address: str | None, max_concurrent: int | Non
     parent = ensure_sweep_run(uri, plan.experiment, sid, run_tags, cfg)
     try:
         log_sweep_inputs(uri, parent, plan, fewshot, synthetic)
-        from fsynth.tune import partition_variants
-
         ensure_regions_on_cluster(cfg, partition_variants(plan), fewshot, synthetic, plan.out / "cache", log)
         ctx = sweep.TrialContext(
             base=config_to_dict(cfg), fewshot_dir=str(fewshot),
@@ -231,8 +244,6 @@ def run_sweep_and_finals(plan: Plan, space, ctx: sweep.TrialContext, tune_storag
 
 def finish_summary(plan: Plan, ctx: sweep.TrialContext, values: dict, rows: list[dict], log: Log) -> dict:
     """Print the summary, log it (metrics, tag, summary.md) to the sweep's run, return it."""
-    from fsynth.tune import format_summary, summarise
-
     uri, parent = ctx.tracking_uri, ctx.parent_run_id
     best_cfg = with_values(plan.cfg, values)
     paper = paper_reference(best_cfg, log)

@@ -6,9 +6,9 @@ import pytest
 import ray.tune
 from ray.tune.search.sample import Categorical, Float, Integer
 
-from fsynth import sweep, tracking
 from fsynth.config import build_config, config_to_dict
 from fsynth.errors import ConfigError
+from fsynth.jobs import sweep, tracking
 from fsynth.spaces import SPACE_DIR, list_spaces, load_space
 
 

@@ -1,0 +1,1 @@
+"""The results page's pure side: rows of final runs, their aggregation over seeds, ablations, rendering, figures."""

@@ -1,0 +1,1 @@
+"""Tests of fsynth.results, one module per module."""
