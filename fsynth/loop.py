@@ -294,8 +294,8 @@ def _validate(run: _Run, val_loader, epoch: int) -> dict:
     val = evaluate(run.base, val_loader, run.data.num_classes, run.device, run.dtype)
     metrics = {"epoch": epoch, "lr": run.scheduler.get_last_lr()[0], "val/accuracy": val.accuracy,
                "val/loss": val.loss}
-    t = run.cfg.training
-    if t.measure_regularisers and t.use_real and t.use_synthetic and run.data.real and run.data.synthetic:
+    both = run.plain.synthetic.any() and not run.plain.synthetic.all()  # real and synthetic samples both trained on
+    if run.cfg.training.measure_regularisers and both:
         metrics.update(measure_regularisers(run))
     return metrics
 
